@@ -1,0 +1,238 @@
+"""Our frame loop over transformers' VibeVoice modules.
+
+Why not `generate`: with guidance != 1 transformers adds a logits-CFG processor that runs
+a third LLM pass per frame (and changes token choices from the original model), it runs
+the negative branch even at cfg 1, and its streamer sees token ids, not audio.
+
+Per frame both CFG branches pass through decoder layer i before layer i+1, so a layer
+streamed from host memory crosses the link once per frame. The positive branch picks the
+next token; if it is not a speech frame, the negative branch's step is undone (the
+original model only advances the negative branch on frames).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from transformers import VibeVoiceForConditionalGeneration
+from transformers.masking_utils import create_causal_mask
+
+from .config import SAMPLE_RATE, hop_length
+from .executor import Executor
+from .prompt import Prompt
+
+# (frame number from 1, frame cap, this frame's audio on the CPU) -> False stops generation.
+FrameCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    cfg: float = 1.3
+    steps: int = 10
+    seed: int = 0
+    max_frames: int | None = None  # cap on generated tokens; default: the prompt length (twice the prompt in all)
+    max_seconds: float | None = None
+
+    def frame_cap(self, prompt_length: int, hop: int) -> int:
+        caps = [c for c in (self.max_frames, self.max_seconds and math.ceil(self.max_seconds * SAMPLE_RATE / hop)) if c]
+        return int(min(caps)) if caps else prompt_length
+
+
+@dataclass
+class GenerationResult:
+    waveform: torch.Tensor  # float32 [samples] on the CPU, 24 kHz
+    sample_rate: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Branch:
+    """One CFG branch's KV cache; `visible_from` hides positions before a speech-start reset."""
+
+    cache: Any
+    visible_from: int = 0
+
+    def attention_mask(self, new_tokens: int, device: torch.device) -> torch.Tensor | None:
+        if self.visible_from == 0:
+            return None
+        mask = torch.ones(1, self.cache.get_seq_length() + new_tokens, dtype=torch.long, device=device)
+        mask[:, : self.visible_from] = 0
+        return mask
+
+
+def make_scheduler() -> DPMSolverMultistepScheduler:
+    """The original model's sampler: DPM-Solver multistep, v-prediction, cosine schedule."""
+    return DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+
+class FrameLoop:
+    """Generates one dialog from a prompt with a given executor (weight placement)."""
+
+    def __init__(self, model: VibeVoiceForConditionalGeneration, executor: Executor) -> None:
+        self.model = model
+        self.executor = executor
+        self.config = model.config
+        self.lm = model.model.language_model
+        self.device = executor.device
+        self.dtype = self.lm.norm.weight.dtype
+        self.allowed = [
+            self.config.audio_bos_token_id,
+            self.config.audio_eos_token_id,
+            self.config.audio_token_id,
+            self.config.eos_token_id,
+        ]
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.lm.embed_tokens
+        return table(ids.to(table.weight.device)).to(self.device, self.dtype)
+
+    def _voice_embeddings(self, prompt: Prompt, generator: torch.Generator) -> torch.Tensor:
+        """Voice clips -> connector embeddings for the frame placeholders (as transformers'
+        `get_audio_features` with `sample=True`, its noise drawn from our seeded generator)."""
+        with self.executor.acoustic_encoder() as encoder:
+            latents = encoder(prompt.voice_values.to(self.device, self.dtype)).latents
+        noise_std = self.config.audio_config.vae_std * torch.randn(latents.shape[0], generator=generator)
+        # randn_like semantics: the encoder's latents are a transposed view and noise fills them in memory order.
+        noise = torch.empty_like(latents, device="cpu", dtype=torch.float32).normal_(generator=generator)
+        noise = noise_std[:, None, None] * noise
+        latents = latents + noise.to(self.device, self.dtype)
+        core = self.model.model
+        features = (latents + core.latent_bias_factor) * core.latent_scaling_factor
+        frames = torch.ceil(prompt.voice_mask.sum(dim=-1) / hop_length(self.config)).long()
+        valid = torch.arange(features.shape[1])[None, :] < frames[:, None]
+        return core.multi_modal_projector(features[valid.to(self.device)])
+
+    def _decoder_pass(self, inputs: list[tuple[torch.Tensor, _Branch]]) -> list[torch.Tensor]:
+        """Run every branch through layer i before layer i+1; returns each branch's last normed hidden state."""
+        prepared = []
+        for hidden, branch in inputs:
+            past = branch.cache.get_seq_length()
+            positions = (torch.arange(hidden.shape[1], device=self.device) + past).unsqueeze(0)
+            mask = create_causal_mask(self.lm.config, hidden, branch.attention_mask(hidden.shape[1], self.device), branch.cache, positions)
+            prepared.append([hidden, branch.cache, mask, positions, self.lm.rotary_emb(hidden, positions)])
+        for index in range(self.config.text_config.num_hidden_layers):
+            layer = self.executor.decoder_layer(index)
+            for item in prepared:
+                hidden, cache, mask, positions, rotary = item
+                item[0] = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=rotary)
+            self.executor.decoder_layer_done(index)
+        return [self.lm.norm(item[0][:, -1, :]) for item in prepared]
+
+    def _sample_latent(self, scheduler: DPMSolverMultistepScheduler, steps: int, cfg: float, positive: torch.Tensor, negative: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """Diffusion head sampling as transformers' `_sample_audio_latent`; at cfg 1 only the conditional row runs."""
+        head = self.model.model.diffusion_head
+        # Always draw noise for both rows so the random stream (hence the audio) does not depend on cfg.
+        latent = torch.randn(2, self.config.audio_config.hidden_size, generator=generator).to(self.device, self.dtype)
+        scheduler.set_timesteps(num_inference_steps=steps)
+        if negative is None:
+            latent = latent[:1]
+            for t in scheduler.timesteps:
+                eps = head(latent, t.repeat(1).to(latent), condition=positive)
+                latent = scheduler.step(eps, t, latent).prev_sample
+            return latent.unsqueeze(1)
+        condition = torch.cat([positive, negative], dim=0)
+        for t in scheduler.timesteps:
+            combined = torch.cat([latent[:1], latent[:1]], dim=0)
+            cond_eps, uncond_eps = head(combined, t.repeat(2).to(combined), condition=condition).split(1, dim=0)
+            guided = uncond_eps + cfg * (cond_eps - uncond_eps)
+            latent = scheduler.step(torch.cat([guided, guided], dim=0), t, latent).prev_sample
+        return latent[:1].unsqueeze(1)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, prompt: Prompt, settings: GenerationSettings, on_frame: FrameCallback | None = None) -> GenerationResult:
+        if settings.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {settings.steps}")
+        if settings.cfg < 1.0:
+            raise ValueError(f"cfg must be at least 1.0, got {settings.cfg}")
+        core = self.model.model
+        hop = hop_length(self.config)
+        cap = settings.frame_cap(prompt.length, hop)
+        use_cfg = settings.cfg != 1.0
+        generator = torch.Generator().manual_seed(settings.seed)
+        scheduler = make_scheduler()
+        # Only four tokens can ever be chosen: a 4-row slice of lm_head replaces the full head.
+        allowed = torch.tensor(self.allowed)
+        head_rows = self.model.lm_head.weight[allowed.to(self.model.lm_head.weight.device)].to(self.device, self.dtype)
+        start = time.perf_counter()
+
+        ids = prompt.input_ids
+        embeds = self._embed(ids)
+        placeholders = (ids[0] == self.config.audio_token_id).nonzero().squeeze(1).to(self.device)
+        embeds[0, placeholders] = self._voice_embeddings(prompt, generator).to(self.dtype)
+
+        positive = _Branch(self.executor.new_kv_cache(prompt.length + cap))
+        negative = _Branch(self.executor.new_kv_cache(cap + 1)) if use_cfg else None
+        passes = [(embeds, positive)]
+        if negative is not None:
+            passes.append((self._embed(torch.tensor([[self.config.audio_bos_token_id]])), negative))
+        hidden = self._decoder_pass(passes)
+        prefill_done = time.perf_counter()
+
+        acoustic_cache = semantic_cache = None
+        chunks: list[torch.Tensor] = []
+        generated = 0
+        stopped_by_callback = False
+        while True:
+            token = self.allowed[int((hidden[0] @ head_rows.T).argmax(dim=-1))]
+            generated += 1
+            if token == self.config.audio_token_id:
+                latent = self._sample_latent(scheduler, settings.steps, settings.cfg, hidden[0], hidden[1] if use_cfg else None, generator)
+                scaled = (latent / core.latent_scaling_factor - core.latent_bias_factor).permute(0, 2, 1)
+                decoded = core.audio_tower.decoder(scaled, padding_cache=acoustic_cache, use_cache=True)
+                acoustic_cache = decoded.padding_cache
+                semantic = core.semantic_tokenizer_encoder(decoded.audio, padding_cache=semantic_cache, use_cache=True)
+                semantic_cache = semantic.padding_cache
+                next_embeds = core.multi_modal_projector(latent) + core.semantic_connector(semantic.latents)
+                chunk = decoded.audio[0, 0].float().cpu()
+                chunks.append(chunk)
+                if on_frame is not None and on_frame(len(chunks), cap, chunk) is False:
+                    stopped_by_callback = True
+                    break
+            else:
+                if negative is not None:
+                    # The negative branch only advances on frames: undo the step it just took.
+                    negative.cache.crop(-1)
+                    if token == self.config.audio_bos_token_id:
+                        negative.visible_from = negative.cache.get_seq_length()
+                if token == self.config.audio_eos_token_id:
+                    # As the original: a speech segment ended, so the streaming tokenizers start afresh.
+                    acoustic_cache = semantic_cache = None
+                if token == self.config.eos_token_id:
+                    break
+                next_embeds = self._embed(torch.tensor([[token]]))
+            if generated >= cap:
+                break
+            passes = [(next_embeds, positive)]
+            if negative is not None:
+                passes.append((next_embeds, negative))
+            hidden = self._decoder_pass(passes)
+
+        end = time.perf_counter()
+        waveform = torch.cat(chunks) if chunks else torch.zeros(0)
+        frames = len(chunks)
+        stats = {
+            "frames": frames,
+            "tokens": generated,
+            "frame_cap": cap,
+            "audio_seconds": waveform.numel() / SAMPLE_RATE,
+            "prompt_tokens": prompt.length,
+            "prefill_ms": (prefill_done - start) * 1000,
+            "ms_per_frame": (end - prefill_done) * 1000 / max(generated, 1),
+            "total_s": end - start,
+            "stopped": "callback" if stopped_by_callback else ("end" if generated < cap else "cap"),
+            "cfg": settings.cfg,
+            "steps": settings.steps,
+            "seed": settings.seed,
+        }
+        stats["rtf"] = stats["ms_per_frame"] / (hop / SAMPLE_RATE * 1000)
+        return GenerationResult(waveform, SAMPLE_RATE, stats)

@@ -1,0 +1,65 @@
+"""The offload plan: the contract between the VRAM planner and the offload engine.
+
+The planner decides, the engine executes; neither needs the other's code, only this
+dataclass. Keep it small and free of policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+StreamDtype = Literal["bf16", "fp8"]
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Where the decoder layers live while VibeVoice generates.
+
+    `resident_layers` decoder layers stay on the GPU (which ones is the engine's choice:
+    Qwen2's layers are all the same size); the rest are streamed from host memory through
+    a ring of `prefetch_depth` GPU slots, once per frame.
+    """
+
+    resident_layers: int
+    """Decoder layers kept on the GPU; `num_layers - resident_layers` are streamed."""
+
+    stream_dtype: StreamDtype
+    """How streamed layers are stored on the host and cross the link. "bf16": in the model
+    dtype, as loaded. "fp8": the weights of the layer's `nn.Linear` modules as
+    `torch.float8_e4m3fn` with one float32 scale per output channel (row); norms and
+    biases stay in the model dtype. The engine dequantises into a model-dtype slot."""
+
+    prefetch_depth: int = 2
+    """GPU slots in the ring: one being computed, the others being filled (>= 2)."""
+
+    pinned: bool = True
+    """Stream from page-locked host slabs (about 7x faster than pageable copies)."""
+
+    embed_on_host: bool = False
+    """Keep `embed_tokens` on the host; it is only read for the prompt and a few ids."""
+
+    @property
+    def fp8(self) -> bool:
+        return self.stream_dtype == "fp8"
+
+    def streamed_layers(self, num_layers: int) -> int:
+        return num_layers - self.resident_layers
+
+    def validate(self, num_layers: int) -> None:
+        """Raise `ValueError` naming the first field that the engine cannot execute."""
+        if isinstance(self.resident_layers, bool) or not isinstance(self.resident_layers, int):
+            raise ValueError(f"resident_layers must be an int, got {self.resident_layers!r}")
+        if not 0 <= self.resident_layers <= num_layers:
+            raise ValueError(
+                f"resident_layers={self.resident_layers} is outside 0..{num_layers} "
+                f"(the model has {num_layers} decoder layers)"
+            )
+        if self.stream_dtype not in get_args(StreamDtype):
+            raise ValueError(f"stream_dtype must be one of {get_args(StreamDtype)}, got {self.stream_dtype!r}")
+        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 2:
+            raise ValueError(f"prefetch_depth must be an int >= 2 (one slot computing, one filling), got {self.prefetch_depth!r}")
+        if not isinstance(self.pinned, bool):
+            raise ValueError(f"pinned must be a bool, got {self.pinned!r}")
+        if not isinstance(self.embed_on_host, bool):
+            raise ValueError(f"embed_on_host must be a bool, got {self.embed_on_host!r}")
