@@ -129,3 +129,21 @@ def chromium_launch_options() -> dict:
     """
     _require_browser()
     return {"executable_path": CHROMIUM_PATH, "headless": True, "args": list(CHROMIUM_ARGS)}
+
+
+# ---- synthetic models ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A speaking tiny VibeVoice in Microsoft's original layout, with its own tokenizer (hop 4)."""
+    from vibevoice_offload.synthetic import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("tiny") / "VibeVoice-tiny")
+
+
+@pytest.fixture()
+def two_voices():
+    """Two short clips of different rates and channel counts, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return {1: (torch.randn(1, 40, generator=g) * 0.1, 24000), 2: (torch.randn(2, 30, generator=g) * 0.1, 16000)}

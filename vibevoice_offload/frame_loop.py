@@ -122,7 +122,8 @@ class FrameLoop:
             layer = self.executor.decoder_layer(index)
             for item in prepared:
                 hidden, cache, mask, positions, rotary = item
-                item[0] = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=rotary)
+                # Positional: the cache argument is `past_key_values` in transformers 5.17 and `cache` later.
+                item[0] = layer(hidden, mask, positions, cache, True, rotary)
             self.executor.decoder_layer_done(index)
         return [self.lm.norm(item[0][:, -1, :]) for item in prepared]
 

@@ -67,6 +67,7 @@ class _LayerCensus:
     linear_weight_numel: int  # elements of all nn.Linear weights (fp8-quantisable)
     linear_rows: int  # sum of out_features: one fp8 scale each
     other_numel: int  # biases and norms: stay in the model dtype
+    largest_linear_numel: int  # the biggest weight the engine dequantises at once
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,14 @@ def _take_census(config: VibeVoiceConfig) -> _Census:
         linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
         linear_weight_numel = sum(m.weight.numel() for m in linears)
         total = sum(p.numel() for p in layer.parameters())
-        layers.append(_LayerCensus(linear_weight_numel, sum(m.out_features for m in linears), total - linear_weight_numel))
+        layers.append(
+            _LayerCensus(
+                linear_weight_numel=linear_weight_numel,
+                linear_rows=sum(m.out_features for m in linears),
+                other_numel=total - linear_weight_numel,
+                largest_linear_numel=max((m.weight.numel() for m in linears), default=0),
+            )
+        )
     conv_cache = {
         "acoustic_decoder": _conv_cache_elements(model.model.audio_tower.decoder),
         "semantic_encoder": _conv_cache_elements(model.model.semantic_tokenizer_encoder),
@@ -176,7 +184,10 @@ class ModelSizes:
 
 def model_sizes(config: VibeVoiceConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
     """Byte sizes of every part of the model; the meta-device census is cached per config."""
-    census = _census(config)
+    return _sizes(config, _census(config), dtype)
+
+
+def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> ModelSizes:
     itemsize = dtype.itemsize
 
     def part(name: str) -> int:
@@ -267,6 +278,12 @@ def prompt_length(config: VibeVoiceConfig, voice_samples: int | Sequence[int], t
 # --------------------------------------------------------------------------------------
 
 
+def _head_dim(config: VibeVoiceConfig) -> int:
+    # Qwen2Config has no head_dim attribute in transformers 5.24; Qwen2 derives it.
+    tc = config.text_config
+    return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
 def _decoder_pass_bytes(config: VibeVoiceConfig, q_len: int, kv_len: int, batch: int, itemsize: int) -> int:
     """Peak activation bytes inside one Qwen2 decoder layer for `batch` sequences of
     `q_len` new tokens attending to `kv_len` positions. Elements (model dtype):
@@ -282,7 +299,7 @@ def _decoder_pass_bytes(config: VibeVoiceConfig, q_len: int, kv_len: int, batch:
     KV tensors are not counted here: they are the KV cache term.
     """
     tc = config.text_config
-    hidden, inter, heads, head_dim = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.head_dim
+    hidden, inter, heads, head_dim = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, _head_dim(config)
     kv_dim = tc.num_key_value_heads * head_dim
     stream = 4 * q_len * hidden
     repeated = 0 if q_len == 1 else 2 * heads * kv_len * head_dim
@@ -394,7 +411,7 @@ class Estimate:
 def kv_cache_bytes(config: VibeVoiceConfig, positions: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """KV cache of one branch holding `positions` positions in every decoder layer."""
     tc = config.text_config
-    return positions * tc.num_hidden_layers * 2 * tc.num_key_value_heads * tc.head_dim * dtype.itemsize
+    return positions * tc.num_hidden_layers * 2 * tc.num_key_value_heads * _head_dim(config) * dtype.itemsize
 
 
 def estimate(
@@ -413,7 +430,8 @@ def estimate(
     """
     num_layers = config.text_config.num_hidden_layers
     plan.validate(num_layers)
-    sizes = model_sizes(config, dtype)
+    census = _census(config)
+    sizes = _sizes(config, census, dtype)
     itemsize = dtype.itemsize
     r = plan.resident_layers
     streamed = range(r, num_layers)
@@ -428,10 +446,8 @@ def estimate(
     if streamed:
         slots = plan.prefetch_depth * max(sizes.layers[i] for i in streamed)
         if plan.fp8:
-            tc = config.text_config
-            largest_linear = max(tc.hidden_size, tc.intermediate_size) * min(tc.hidden_size, tc.intermediate_size)
-            largest_linear = max(largest_linear, tc.hidden_size * tc.hidden_size)
-            slots += plan.prefetch_depth * max(sizes.layers_fp8[i] for i in streamed) + largest_linear * itemsize
+            scratch = max(census.layers[i].largest_linear_numel for i in streamed) * itemsize
+            slots += plan.prefetch_depth * max(sizes.layers_fp8[i] for i in streamed) + scratch
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
     positive = prompt_len + max_frames
@@ -447,16 +463,15 @@ def estimate(
             sizes.acoustic_encoder + longest * (4 + itemsize) + _conv_stack_peak_bytes(config.audio_config, longest, itemsize)
         )
 
-    census = _census(config)
     hop = hop_length(config)
     tc = config.text_config
     workspace = (
         _decoder_pass_bytes(config, 1, positive, 2, itemsize) + 2 * LM_HEAD_ROWS * 4
-        + 2 * tc.num_key_value_heads * tc.head_dim * positive * itemsize
+        + 2 * tc.num_key_value_heads * _head_dim(config) * positive * itemsize
         + _diffusion_bytes(config, itemsize)
         + max(
             _conv_stack_peak_bytes(config.audio_config, hop, itemsize),
-            _conv_stack_peak_bytes(config.semantic_config, hop, itemsize),
+            _conv_stack_peak_bytes(config.semantic_model_config, hop, itemsize),
         )
         + (census.conv_cache_elements["acoustic_decoder"] + census.conv_cache_elements["semantic_encoder"]) * itemsize
     )
@@ -481,3 +496,463 @@ def estimate(
         total_vram=peak + slack,
         host_ram=host,
     )
+
+
+# --------------------------------------------------------------------------------------
+# The budget
+# --------------------------------------------------------------------------------------
+
+
+def free_vram_bytes(device_index: int = 0) -> int:
+    """Free memory of GPU `device_index` as the driver sees it (other processes included).
+
+    NVML first (no CUDA context is created); else `torch.cuda.mem_get_info`. NVML numbers
+    GPUs in PCI order, which differs from CUDA's when CUDA_VISIBLE_DEVICES reorders them.
+    """
+    failures = []
+    try:
+        import pynvml
+    except ImportError as exc:
+        failures.append(f"NVML: pynvml is not installed ({exc}); pip install nvidia-ml-py")
+    else:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            failures.append(f"NVML: nvmlInit failed ({exc})")
+        else:
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+                return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+            except pynvml.NVMLError as exc:
+                failures.append(f"NVML: cannot read GPU {device_index} ({exc})")
+            finally:
+                pynvml.nvmlShutdown()
+    try:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch.cuda is not available")
+        free, _total = torch.cuda.mem_get_info(device_index)
+        return int(free)
+    except (RuntimeError, AssertionError) as exc:
+        failures.append(f"torch: {exc}")
+    raise PlanError(
+        f"cannot read the free VRAM of GPU {device_index}: " + "; ".join(failures)
+        + ". Pass the VRAM budget explicitly (e.g. --vram 12GB)."
+    )
+
+
+def budget_from_free(free: int, target_utilisation: float = 0.9) -> int:
+    """A budget leaving `1 - target_utilisation` of the free VRAM to the CUDA context,
+    cuBLAS workspaces and other programs' growth."""
+    if not 0 < target_utilisation <= 1:
+        raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
+    return int(free * target_utilisation)
+
+
+_VRAM_UNITS = {"": GB, "G": GB, "GB": GB, "GIB": 2**30, "M": 10**6, "MB": 10**6, "MIB": MiB}
+
+
+def parse_vram(text: str) -> int:
+    """"12GB", "12G", "12", "8.5GB" -> bytes (GB = 10**9; "GiB"/"MiB"/"MB" also accepted)."""
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("GIMB")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if unit not in _VRAM_UNITS or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cannot read VRAM amount {text!r}: expected e.g. 12GB, 12G, 12 or 8.5GB")
+    return int(value * _VRAM_UNITS[unit])
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f}"
+
+
+# --------------------------------------------------------------------------------------
+# Modes: auto, presets, manual
+# --------------------------------------------------------------------------------------
+
+PRESETS: dict[str, Fraction] = {
+    "light": Fraction(3, 4),
+    "moderate": Fraction(1, 2),
+    "balanced": Fraction(7, 20),
+    "aggressive": Fraction(3, 20),
+    "extreme": Fraction(0),
+}
+"""Share of the decoder layers kept resident: resident = floor(share x num_layers), the same
+meaning for 1.5B and Large (28 layers: 21 / 14 / 9 / 4 / 0). "light" offloads least,
+"extreme" streams every layer. Exact fractions, so floor() never suffers float rounding."""
+
+
+def model_label(config: VibeVoiceConfig) -> str:
+    tc = config.text_config
+    name = _SIZE_BY_SHAPE.get((tc.hidden_size, tc.num_hidden_layers))
+    return f"VibeVoice-{name}" if name else f"VibeVoice ({tc.hidden_size} wide, {tc.num_hidden_layers} layers)"
+
+
+def _estimate_for(config: VibeVoiceConfig, plan: OffloadPlan, dtype: torch.dtype, workload: Workload) -> Estimate:
+    return estimate(
+        config, plan, dtype=dtype, voice_samples=workload.voice_samples,
+        max_frames=workload.max_frames, text_tokens=workload.text_tokens,
+    )
+
+
+def _refusal(
+    config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
+) -> PlanError:
+    minimum_plan = OffloadPlan(0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host)
+    minimum = _estimate_for(config, minimum_plan, dtype, workload).total_vram
+    n = config.text_config.num_hidden_layers
+    message = (
+        f"{model_label(config)}: {what} needs {_gb(need)} GB of VRAM but the budget is {_gb(budget_bytes)} GB. "
+        f"The minimum for this model and audio length is {_gb(minimum)} GB (all {n} decoder layers streamed, "
+        f"{plan.stream_dtype}, prefetch depth {plan.prefetch_depth}). "
+    )
+    if minimum <= budget_bytes:
+        message += "Use mode 'auto' or a preset that keeps fewer layers resident ('aggressive', 'extreme')."
+    else:
+        hints = ["free VRAM (unload other models, close other programs)", "plan for shorter audio (the KV cache grows with length)"]
+        if not plan.embed_on_host:
+            hints.append(f"keep embed_tokens on the host (saves {_gb(model_sizes(config, dtype).embed_tokens)} GB)")
+        if plan.prefetch_depth > 2:
+            hints.append("use prefetch depth 2")
+        hints.append("use the 1.5B model")
+        message += "To run: " + ", or ".join(hints) + "."
+    return PlanError(message)
+
+
+def plan_auto(
+    config: VibeVoiceConfig,
+    budget_bytes: int,
+    *,
+    stream_dtype: StreamDtype = "bf16",
+    prefetch_depth: int = 2,
+    pinned: bool = True,
+    embed_on_host: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    workload: Workload = DEFAULT_WORKLOAD,
+) -> OffloadPlan:
+    """The plan with the most resident layers whose estimate fits `budget_bytes`.
+
+    Searches from all-resident downwards: the estimate is not monotone at the top (keeping
+    every layer drops the ring, so N resident can fit where N-1 does not).
+    """
+    n = config.text_config.num_hidden_layers
+    for resident in range(n, -1, -1):
+        plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host)
+        need = _estimate_for(config, plan, dtype, workload).total_vram
+        if need <= budget_bytes:
+            return plan
+    raise _refusal(config, plan, need, budget_bytes, dtype, workload, "streaming every decoder layer")
+
+
+def _checked(
+    config: VibeVoiceConfig, plan: OffloadPlan, budget_bytes: int | None, dtype: torch.dtype, workload: Workload, what: str
+) -> OffloadPlan:
+    n = config.text_config.num_hidden_layers
+    if not 0 <= plan.resident_layers <= n:
+        full = OffloadPlan(n, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host)
+        raise PlanError(
+            f"{model_label(config)}: {what} asks for {plan.resident_layers} resident decoder layers but the model has "
+            f"{n}; choose 0..{n} ({n} keeps every layer on the GPU and needs "
+            f"{_gb(_estimate_for(config, full, dtype, workload).total_vram)} GB of VRAM)."
+        )
+    try:
+        plan.validate(n)
+    except ValueError as exc:
+        raise PlanError(f"{model_label(config)}: {what}: {exc}") from exc
+    if budget_bytes is not None:
+        need = _estimate_for(config, plan, dtype, workload).total_vram
+        if need > budget_bytes:
+            raise _refusal(config, plan, need, budget_bytes, dtype, workload, what)
+    return plan
+
+
+def preset_resident_layers(name: str, num_layers: int) -> int:
+    if name not in PRESETS:
+        raise PlanError(f"unknown offload preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return math.floor(PRESETS[name] * num_layers)
+
+
+def plan_preset(
+    config: VibeVoiceConfig,
+    name: str,
+    budget_bytes: int | None = None,
+    *,
+    stream_dtype: StreamDtype = "bf16",
+    prefetch_depth: int = 2,
+    pinned: bool = True,
+    embed_on_host: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    workload: Workload = DEFAULT_WORKLOAD,
+) -> OffloadPlan:
+    """The preset's share of layers resident; with a budget, refuses a preset that does not fit."""
+    resident = preset_resident_layers(name, config.text_config.num_hidden_layers)
+    plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host)
+    return _checked(config, plan, budget_bytes, dtype, workload, f"preset {name!r} ({resident} resident layers)")
+
+
+def plan_manual(
+    config: VibeVoiceConfig,
+    resident_layers: int,
+    stream_dtype: StreamDtype = "bf16",
+    prefetch_depth: int = 2,
+    pinned: bool = True,
+    *,
+    budget_bytes: int | None = None,
+    embed_on_host: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    workload: Workload = DEFAULT_WORKLOAD,
+) -> OffloadPlan:
+    """Exactly the plan asked for; refused if impossible, or (with a budget) if it does not fit."""
+    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host)
+    return _checked(config, plan, budget_bytes, dtype, workload, f"{resident_layers} resident layers")
+
+
+# --------------------------------------------------------------------------------------
+# Speed: T_frame >= max(m k W / B, T_resident)   (PERFORMANCE.md)
+# --------------------------------------------------------------------------------------
+
+LINK_CROSSINGS_PER_FRAME = 1  # m: our loop passes both CFG branches through a layer at once
+
+# T_resident: frame time with every layer on the GPU. DEFAULTS UNTIL MEASURED on the
+# project's own frame loop; replace with measurements (pass resident_ms).
+DEFAULT_RESIDENT_MS = {"1.5B": 30.0, "Large": 40.0}
+
+# Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
+# 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
+PCIE_DEFAULTS = {3: 12.0, 4: 25.0, 5: 54.0}
+DEFAULT_PCIE_GEN = 4
+
+LINK_CACHE_FILE = Path.home() / ".cache" / "vibevoice_offload" / "link.json"
+_LINK_PROBE_BYTES = 256 * MiB
+_LINK_PROBE_REPEATS = 5
+
+
+def frame_ms(config: VibeVoiceConfig) -> float:
+    """Audio duration of one frame: 3200 / 24000 s = 133.33 ms; the real-time limit."""
+    return 1000 * hop_length(config) / SAMPLE_RATE
+
+
+def default_resident_ms(config: VibeVoiceConfig) -> float:
+    """DEFAULT_RESIDENT_MS for the model size; unknown sizes get the slower default."""
+    tc = config.text_config
+    return DEFAULT_RESIDENT_MS.get(_SIZE_BY_SHAPE.get((tc.hidden_size, tc.num_hidden_layers), ""), max(DEFAULT_RESIDENT_MS.values()))
+
+
+def predict_ms_per_frame(
+    config: VibeVoiceConfig,
+    plan: OffloadPlan,
+    link_gbps: float,
+    resident_ms: float | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """max(m x sum of streamed layers' link bytes / B, T_resident) in ms, assuming copies
+    fully overlap compute (the ring's purpose); `resident_ms` defaults per model size."""
+    if link_gbps <= 0:
+        raise ValueError(f"link_gbps must be positive, got {link_gbps}")
+    sizes = model_sizes(config, dtype)
+    n = config.text_config.num_hidden_layers
+    link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
+    transfer_ms = LINK_CROSSINGS_PER_FRAME * link_bytes / (link_gbps * GB) * 1000
+    return max(transfer_ms, default_resident_ms(config) if resident_ms is None else resident_ms)
+
+
+def real_time_factor(config: VibeVoiceConfig, ms_per_frame: float) -> float:
+    """Generation time / audio duration: below 1 is faster than real time."""
+    return ms_per_frame / frame_ms(config)
+
+
+def _measure_link_gbps() -> float:
+    """Median of 5 pinned host->device copies of 256 MiB on the current CUDA device."""
+    host = torch.empty(_LINK_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(_LINK_PROBE_BYTES, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)  # warm-up: first-touch and driver setup
+    torch.cuda.synchronize()
+    seconds = []
+    for _ in range(_LINK_PROBE_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        device.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000)
+    return _LINK_PROBE_BYTES / statistics.median(seconds) / GB
+
+
+def link_bandwidth_gbps(
+    *, pcie_gen: int = DEFAULT_PCIE_GEN, cache_file: Path = LINK_CACHE_FILE, refresh: bool = False
+) -> float:
+    """Pinned host->device GB/s of the current CUDA device, measured once per GPU name and
+    cached in `cache_file`; without a GPU, `PCIE_DEFAULTS[pcie_gen]`."""
+    if not torch.cuda.is_available():
+        return PCIE_DEFAULTS[pcie_gen]
+    name = torch.cuda.get_device_name()
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if not refresh and isinstance(cached.get(name), (int, float)):
+        return float(cached[name])
+    measured = _measure_link_gbps()
+    cached[name] = round(measured, 2)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cached, indent=2, sort_keys=True))
+    tmp.replace(cache_file)
+    return measured
+
+
+# --------------------------------------------------------------------------------------
+# The plan table
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    mode: str
+    resident_layers: int
+    streamed_layers: int
+    vram_bytes: int
+    host_ram_bytes: int
+    ms_per_frame: float
+    rtf: float
+    note: str = ""
+
+
+def plan_table(
+    config: VibeVoiceConfig,
+    budget_bytes: int,
+    stream_dtype: StreamDtype = "bf16",
+    *,
+    link_gbps: float | None = None,
+    resident_ms: float | None = None,
+    prefetch_depth: int = 2,
+    pinned: bool = True,
+    embed_on_host: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    workload: Workload = DEFAULT_WORKLOAD,
+) -> list[PlanRow]:
+    """One row for auto and one per preset. A mode that does not fit the budget is listed
+    with the note "does not fit (needs X GB)" (auto then shows the minimum plan)."""
+    n = config.text_config.num_hidden_layers
+    link = link_bandwidth_gbps() if link_gbps is None else link_gbps
+
+    def row(mode: str, plan: OffloadPlan) -> PlanRow:
+        est = _estimate_for(config, plan, dtype, workload)
+        ms = predict_ms_per_frame(config, plan, link, resident_ms, dtype=dtype)
+        fits = est.total_vram <= budget_bytes
+        return PlanRow(
+            mode=mode,
+            resident_layers=plan.resident_layers,
+            streamed_layers=n - plan.resident_layers,
+            vram_bytes=est.total_vram,
+            host_ram_bytes=est.host_ram,
+            ms_per_frame=ms,
+            rtf=real_time_factor(config, ms),
+            note="" if fits else f"does not fit (needs {_gb(est.total_vram)} GB)",
+        )
+
+    options = dict(stream_dtype=stream_dtype, prefetch_depth=prefetch_depth, pinned=pinned, embed_on_host=embed_on_host)
+    try:
+        auto = plan_auto(config, budget_bytes, dtype=dtype, workload=workload, **options)
+    except PlanError:
+        auto = OffloadPlan(0, **options)
+    rows = [row("auto", auto)]
+    for name in PRESETS:
+        rows.append(row(name, OffloadPlan(preset_resident_layers(name, n), **options)))
+    return rows
+
+
+def format_table(rows: Sequence[PlanRow]) -> str:
+    header = ("mode", "resident", "streamed", "VRAM GB", "host RAM GB", "ms/frame", "RTF", "note")
+    cells = [header] + [
+        (
+            r.mode, str(r.resident_layers), str(r.streamed_layers), _gb(r.vram_bytes), _gb(r.host_ram_bytes),
+            f"{r.ms_per_frame:.1f}", f"{r.rtf:.2f}", r.note,
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --------------------------------------------------------------------------------------
+# Packaged configs and the `table` CLI subcommand
+# --------------------------------------------------------------------------------------
+
+SIZES = ("1.5B", "Large")
+_SIZE_BY_SHAPE = {(1536, 28): "1.5B", (3584, 28): "Large"}  # (hidden, layers) of the releases
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def load_size_config(size: str) -> VibeVoiceConfig:
+    """The released model's config, copied into the package so no model folder is needed."""
+    if size not in SIZES:
+        raise PlanError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    path = CONFIGS_DIR / f"VibeVoice-{size}.json"
+    raw = json.loads(path.read_text())
+    return build_config(raw, detect_layout(raw, path), path)
+
+
+def _vram_arg(text: str) -> int:
+    try:
+        return parse_vram(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_table_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `table`: the plans auto and each preset would give, with VRAM, host RAM and speed."""
+    parser = subparsers.add_parser(
+        "table",
+        help="show the offload plans for a VRAM budget",
+        description="Estimated VRAM, host RAM and speed of the auto plan and each preset.",
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path, metavar="DIR", help="a VibeVoice model folder (its config.json)")
+    model.add_argument("--size", choices=SIZES, help="a released model's config (default: Large)")
+    parser.add_argument("--vram", type=_vram_arg, help="VRAM budget, e.g. 12GB (default: 90%% of the GPU's free VRAM)")
+    parser.add_argument("--stream-dtype", choices=("bf16", "fp8"), default="bf16", help="how streamed layers cross the link")
+    parser.add_argument("--link-gbps", type=float, help="pinned host->device GB/s (default: measured, or the PCIe 4 figure)")
+    parser.add_argument(
+        "--minutes", type=float, default=DEFAULT_MINUTES,
+        help=f"audio length the KV cache must hold (default {DEFAULT_MINUTES:g}; 2 speakers with 30 s voice clips)",
+    )
+    parser.set_defaults(func=run_table_command)
+    return parser
+
+
+def run_table_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.model)[0] if args.model else load_size_config(args.size or "Large")
+        if args.vram is not None:
+            budget, budget_source = args.vram, "--vram"
+        else:
+            free = free_vram_bytes()
+            budget, budget_source = budget_from_free(free), f"90% of {_gb(free)} GB free"
+    except VibeVoiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.link_gbps is not None:
+        link, link_source = args.link_gbps, "--link-gbps"
+    elif torch.cuda.is_available():
+        link, link_source = link_bandwidth_gbps(), f"measured on {torch.cuda.get_device_name()}"
+    else:
+        link, link_source = PCIE_DEFAULTS[DEFAULT_PCIE_GEN], f"PCIe {DEFAULT_PCIE_GEN} default, no GPU to measure"
+    workload = Workload.for_minutes(args.minutes)
+    rows = plan_table(config, budget, args.stream_dtype, link_gbps=link, workload=workload)
+    print(
+        f"{model_label(config)}, budget {_gb(budget)} GB ({budget_source}), stream {args.stream_dtype}, "
+        f"link {link:.1f} GB/s ({link_source}), {args.minutes:g} min of audio "
+        f"({workload.max_frames} frames)\n"
+        f"T_resident {default_resident_ms(config):.0f} ms/frame is a default until measured; "
+        f"RTF = ms/frame / {frame_ms(config):.2f}"
+    )
+    print(format_table(rows))
+    return 0

@@ -1,0 +1,421 @@
+"""VRAM planner: sizes checked against hand arithmetic on the real configs, CPU only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from vibevoice_offload import planner
+from vibevoice_offload.config import load_config
+from vibevoice_offload.plan import OffloadPlan
+from vibevoice_offload.planner import (
+    GB,
+    PRESETS,
+    PlanError,
+    Workload,
+    add_table_command,
+    budget_from_free,
+    estimate,
+    format_table,
+    free_vram_bytes,
+    kv_cache_bytes,
+    link_bandwidth_gbps,
+    load_size_config,
+    model_sizes,
+    parse_vram,
+    plan_auto,
+    plan_manual,
+    plan_preset,
+    plan_table,
+    predict_ms_per_frame,
+    real_time_factor,
+)
+
+CHECKPOINTS = Path("/work/shared/reference/checkpoints")
+KiB = 1024
+
+
+@pytest.fixture(scope="module")
+def large():
+    return load_size_config("Large")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_size_config("1.5B")
+
+
+def _by_hand(raw_decoder: dict) -> dict[str, int]:
+    """Element counts of one Qwen2 decoder layer from the original config's numbers."""
+    h, i = raw_decoder["hidden_size"], raw_decoder["intermediate_size"]
+    kv = raw_decoder["num_key_value_heads"] * (h // raw_decoder["num_attention_heads"])
+    linear_weights = h * h + kv * h + kv * h + h * h + 3 * h * i  # q, k, v, o, gate/up/down
+    rows = h + kv + kv + h + i + i + h  # out_features of the same seven
+    biases_and_norms = (h + kv + kv) + 2 * h  # q/k/v biases, input and post-attention norms
+    return {"linear": linear_weights, "rows": rows, "rest": biases_and_norms}
+
+
+def _raw(size: str) -> dict:
+    return json.loads((CHECKPOINTS / f"VibeVoice-{size}" / "config.json").read_text())["decoder_config"]
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(("size", "expected_bf16", "expected_fp8", "mb"), [
+    ("Large", 466_115_584, 233_268_224, 466.1),
+    ("1.5B", 93_595_648, 46_895_104, 93.6),
+])
+def test_decoder_layer_bytes_match_hand_arithmetic(size, expected_bf16, expected_fp8, mb):
+    counts = _by_hand(_raw(size))
+    bf16 = 2 * (counts["linear"] + counts["rest"])
+    fp8 = counts["linear"] * 1 + counts["rows"] * 4 + counts["rest"] * 2
+    assert (bf16, fp8) == (expected_bf16, expected_fp8)
+
+    sizes = model_sizes(load_size_config(size))
+    assert sizes.layers == (expected_bf16,) * 28
+    assert sizes.layers_fp8 == (expected_fp8,) * 28
+    assert round(sizes.layers[0] / 1e6, 1) == mb  # VIBEVOICE.md
+    assert sizes.layers_fp8[0] / sizes.layers[0] == pytest.approx(0.5, abs=0.002)
+
+
+def test_float32_model_doubles_the_layer(large):
+    assert model_sizes(large, torch.float32).layers[0] == 2 * 466_115_584
+
+
+def test_components_match_config_and_vibevoice_md(large, small):
+    big, little = model_sizes(large), model_sizes(small)
+    assert big.embed_tokens == 152064 * 3584 * 2
+    assert big.lm_head == 152064 * 3584 * 2  # separate in Large
+    assert little.embed_tokens == 151936 * 1536 * 2
+    assert little.lm_head == 0  # tied to embed_tokens in 1.5B
+    assert big.lm_head_slice == 4 * 3584 * 2 and little.lm_head_slice == 4 * 1536 * 2
+    assert big.norm == 3584 * 2 and little.norm == 1536 * 2
+    assert big.acoustic_connector == 2 * (64 * 3584 + 3584 + 3584 + 3584 * 3584 + 3584)  # fc1, norm, fc2
+    assert little.semantic_connector == 2 * (128 * 1536 + 1536 + 1536 + 1536 * 1536 + 1536)
+    # Rounded figures of VIBEVOICE.md's size table.
+    assert round(big.total / GB, 2) == 18.69 and round(little.total / GB, 2) == 5.41
+    assert round(big.diffusion_head / GB, 3) == 1.339 and round(little.diffusion_head / GB, 3) == 0.247
+    for sizes in (big, little):
+        for part in (sizes.acoustic_encoder, sizes.acoustic_decoder, sizes.semantic_encoder):
+            assert round(part / GB, 2) == 0.69
+
+
+def test_model_folder_and_packaged_config_agree(large):
+    from_folder, _ = load_config(CHECKPOINTS / "VibeVoice-Large")
+    assert model_sizes(from_folder) == model_sizes(large)
+
+
+# ---------------------------------------------------------------------- estimate
+
+WORK = Workload(voice_samples=(10 * 24000, 7 * 24000 + 1), max_frames=900, text_tokens=400)
+
+
+def _estimate(config, plan, workload=WORK, **kw):
+    return estimate(config, plan, voice_samples=workload.voice_samples, max_frames=workload.max_frames,
+                    text_tokens=workload.text_tokens, **kw)
+
+
+def test_kv_cache_per_token(large, small):
+    assert kv_cache_bytes(large, 1) == 56 * KiB
+    assert kv_cache_bytes(small, 1) == 28 * KiB
+
+
+def test_kv_cache_counts_all_layers_and_both_branches(large):
+    # prompt: 400 text + ceil(240000/3200)=75 + ceil(168001/3200)=53 voice frames + 48 + 2 x 8
+    prompt = 400 + 75 + 53 + 48 + 16
+    positive, negative = prompt + 900, 900 + 1
+    expected = (positive + negative) * 28 * 2 * 4 * 128 * 2
+    for resident in (0, 5, 28):  # streamed layers keep their KV on the GPU too
+        assert _estimate(large, OffloadPlan(resident, "bf16")).kv_cache == expected
+
+
+def test_slots(large):
+    layer, layer_fp8 = 466_115_584, 233_268_224
+    assert _estimate(large, OffloadPlan(0, "bf16", prefetch_depth=3)).slots == 3 * layer
+    assert _estimate(large, OffloadPlan(28, "bf16")).slots == 0
+    dequant_scratch = 18944 * 3584 * 2  # gate/up/down are the largest weights
+    assert _estimate(large, OffloadPlan(10, "fp8")).slots == 2 * layer + 2 * layer_fp8 + dequant_scratch
+
+
+def test_host_ram_holds_streamed_slabs_in_stream_dtype(large):
+    encoder = model_sizes(large).acoustic_encoder
+    assert _estimate(large, OffloadPlan(8, "bf16")).host_ram == 20 * 466_115_584 + encoder
+    assert _estimate(large, OffloadPlan(8, "fp8")).host_ram == 20 * 233_268_224 + encoder
+    on_host = _estimate(large, OffloadPlan(8, "bf16", embed_on_host=True))
+    assert on_host.host_ram == 20 * 466_115_584 + encoder + 152064 * 3584 * 2
+    assert on_host.resident_weights == _estimate(large, OffloadPlan(8, "bf16")).resident_weights - 152064 * 3584 * 2
+
+
+def test_total_is_the_larger_phase_plus_slack(large):
+    est = _estimate(large, OffloadPlan(6, "bf16"))
+    peak = max(est.prefill_phase, est.frame_phase)
+    assert est.allocator_slack == math.ceil(peak * 5 / 100) + 64 * 2**20
+    assert est.total_vram == peak + est.allocator_slack
+    assert est.prefill_phase > est.frame_phase  # a 483-token prompt costs more than a frame
+
+
+def test_longer_audio_needs_more_vram(large):
+    short = _estimate(large, OffloadPlan(6, "bf16"), Workload.for_minutes(1))
+    long = _estimate(large, OffloadPlan(6, "bf16"), Workload.for_minutes(20))
+    assert long.kv_cache > short.kv_cache and long.total_vram > short.total_vram
+
+
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("size", ["1.5B", "Large"])
+def test_more_resident_layers_need_more_vram(size, stream_dtype):
+    config = load_size_config(size)
+    totals = [_estimate(config, OffloadPlan(r, stream_dtype)).total_vram for r in range(29)]
+    assert all(a < b for a, b in zip(totals[:28], totals[1:28]))  # 0..27: strictly increasing
+    if stream_dtype == "bf16":
+        assert totals[28] < totals[27]  # all resident drops the two-slot ring
+
+
+# ---------------------------------------------------------------------- modes
+
+
+@pytest.mark.parametrize("budget_gb", [7.5, 8, 10, 12, 16, 20.5, 24])
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_auto_picks_the_most_layers_that_fit(large, budget_gb, stream_dtype):
+    budget = int(budget_gb * GB)
+    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK)
+    assert _estimate(large, plan).total_vram <= budget
+    for more in range(plan.resident_layers + 1, 29):
+        assert _estimate(large, OffloadPlan(more, stream_dtype)).total_vram > budget
+
+
+def test_auto_values_are_plausible(large, small):
+    assert plan_auto(small, 12 * GB, workload=WORK).resident_layers == 28
+    assert plan_auto(large, 30 * GB, workload=WORK).resident_layers == 28
+    assert 0 < plan_auto(large, 12 * GB, workload=WORK).resident_layers < 28
+
+
+def test_auto_refusal_names_the_minimum(large):
+    minimum = _estimate(large, OffloadPlan(0, "bf16")).total_vram
+    with pytest.raises(PlanError) as info:
+        plan_auto(large, 4 * GB, workload=WORK)
+    message = str(info.value)
+    assert f"{minimum / 1e9:.2f} GB" in message and "4.00 GB" in message
+    assert "embed_tokens on the host" in message
+    assert plan_auto(large, minimum, workload=WORK).resident_layers == 0
+    with pytest.raises(PlanError):
+        plan_auto(large, minimum - 1, workload=WORK)
+
+
+def test_preset_shares_mean_the_same_for_both_models(large, small):
+    expected = {"light": 21, "moderate": 14, "balanced": 9, "aggressive": 4, "extreme": 0}
+    assert {name: float(share) for name, share in PRESETS.items()} == {
+        "light": 0.75, "moderate": 0.5, "balanced": 0.35, "aggressive": 0.15, "extreme": 0.0,
+    }
+    for config in (large, small):
+        got = {name: plan_preset(config, name).resident_layers for name in PRESETS}
+        assert got == expected
+    for name, share in PRESETS.items():
+        for layers in (28, 40, 7):
+            resident = planner.preset_resident_layers(name, layers)
+            assert resident <= share * layers < resident + 1
+
+
+def test_preset_that_does_not_fit_is_refused(large):
+    with pytest.raises(PlanError) as info:
+        plan_preset(large, "light", 12 * GB, workload=WORK)
+    need = _estimate(large, OffloadPlan(21, "bf16")).total_vram
+    assert f"{need / 1e9:.2f} GB" in str(info.value) and "12.00 GB" in str(info.value)
+    assert "auto" in str(info.value)
+    with pytest.raises(PlanError, match="unknown offload preset"):
+        plan_preset(large, "medium")
+
+
+def test_manual_plans(large):
+    assert plan_manual(large, 7, "fp8", 3, False) == OffloadPlan(7, "fp8", 3, False)
+    with pytest.raises(PlanError, match=r"has 28; choose 0\.\.28 .* needs \d+\.\d\d GB"):
+        plan_manual(large, 29)
+    with pytest.raises(PlanError, match="prefetch_depth"):
+        plan_manual(large, 7, "bf16", 1)
+    with pytest.raises(PlanError, match="needs"):
+        plan_manual(large, 28, budget_bytes=10 * GB, workload=WORK)
+
+
+@pytest.mark.parametrize(("plan", "field"), [
+    (OffloadPlan(-1, "bf16"), "resident_layers"),
+    (OffloadPlan(29, "bf16"), "resident_layers"),
+    (OffloadPlan(3, "int8"), "stream_dtype"),  # type: ignore[arg-type]
+    (OffloadPlan(3, "bf16", prefetch_depth=1), "prefetch_depth"),
+    (OffloadPlan(3, "bf16", pinned="yes"), "pinned"),  # type: ignore[arg-type]
+    (OffloadPlan(3, "bf16", embed_on_host=1), "embed_on_host"),  # type: ignore[arg-type]
+])
+def test_validate_names_the_bad_field(plan, field):
+    with pytest.raises(ValueError, match=field):
+        plan.validate(28)
+
+
+# ---------------------------------------------------------------------- speed
+
+
+def test_speed_bound_matches_performance_md(large):
+    # PERFORMANCE.md: 17 bf16 layers over PCIe 5 (54.3 GB/s) ~ 17 x 8.5 ms = 145 ms.
+    ms = predict_ms_per_frame(large, OffloadPlan(11, "bf16"), 54.3)
+    assert ms == pytest.approx(17 * 466_115_584 / 54.3e9 * 1000)
+    assert 144 < ms < 147
+    # fp8 at 26 streamed layers: about 26 x 4.3 = 110 ms.
+    assert predict_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
+    # Nothing streamed: the resident frame time bounds it.
+    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"]
+    assert predict_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
+    assert real_time_factor(large, 133.0) == pytest.approx(133.0 / (1000 * 3200 / 24000))
+
+
+def test_link_bandwidth_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert link_bandwidth_gbps() == 25.0
+    assert link_bandwidth_gbps(pcie_gen=5) == 54.0
+
+
+def test_link_bandwidth_cache_is_keyed_by_gpu_name(monkeypatch, tmp_path):
+    cache = tmp_path / "link.json"
+    cache.write_text(json.dumps({"Some GPU": 13.5, "Fake GPU": 31.25}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(planner, "_measure_link_gbps", lambda: pytest.fail("measured despite a cached value"))
+    assert link_bandwidth_gbps(cache_file=cache) == 31.25
+    monkeypatch.setattr(planner, "_measure_link_gbps", lambda: 40.0)
+    assert link_bandwidth_gbps(cache_file=cache, refresh=True) == 40.0
+    assert json.loads(cache.read_text()) == {"Some GPU": 13.5, "Fake GPU": 40.0}
+
+
+# ---------------------------------------------------------------------- budget
+
+
+def _fake_pynvml(free: int | None, calls: list[str]) -> types.ModuleType:
+    module = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        calls.append("init")
+        if free is None:
+            raise NVMLError("Driver Not Loaded")
+
+    module.NVMLError = NVMLError
+    module.nvmlInit = init
+    module.nvmlShutdown = lambda: calls.append("shutdown")
+    module.nvmlDeviceGetHandleByIndex = lambda index: calls.append(f"handle {index}") or index
+    module.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(free=free, total=2 * free, used=free)
+    return module
+
+
+def test_free_vram_from_nvml_shuts_nvml_down(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(7 * GB, calls))
+    assert free_vram_bytes(1) == 7 * GB
+    assert calls == ["init", "handle 1", "shutdown"]
+
+
+def test_free_vram_falls_back_to_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(None, []))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (5 * GB, 10 * GB))
+    assert free_vram_bytes() == 5 * GB
+
+
+def test_free_vram_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(None, []))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PlanError, match=r"Driver Not Loaded.*torch.cuda is not available.*--vram"):
+        free_vram_bytes()
+
+
+def test_budget_from_free():
+    assert budget_from_free(10 * GB) == 9 * GB
+    assert budget_from_free(10 * GB, 0.5) == 5 * GB
+    with pytest.raises(ValueError):
+        budget_from_free(10 * GB, 1.5)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("12GB", 12 * GB), ("12G", 12 * GB), ("12", 12 * GB), ("8.5GB", 8_500_000_000),
+    ("12gb", 12 * GB), (" 6 GB ", 6 * GB), ("8GiB", 8 * 2**30), ("512MB", 512 * 10**6),
+])
+def test_parse_vram(text, expected):
+    assert parse_vram(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "twelve", "12TB", "-4GB", "0", "nanGB", "1.2.3G"])
+def test_parse_vram_rejects(text):
+    with pytest.raises(ValueError, match="VRAM"):
+        parse_vram(text)
+
+
+# ---------------------------------------------------------------------- table and CLI
+
+
+def test_table_lists_every_mode_and_marks_what_does_not_fit(large):
+    rows = plan_table(large, 10 * GB, "bf16", link_gbps=25.0, workload=WORK)
+    assert [r.mode for r in rows] == ["auto", *PRESETS]
+    by_mode = {r.mode: r for r in rows}
+    assert by_mode["auto"].note == "" and by_mode["auto"].vram_bytes <= 10 * GB
+    light_need = _estimate(large, OffloadPlan(21, "bf16")).total_vram
+    assert by_mode["light"].note == f"does not fit (needs {light_need / 1e9:.2f} GB)"
+    text = format_table(rows)
+    for name in ["auto", *PRESETS]:
+        assert name in text
+    assert "does not fit (needs" in text
+
+
+def test_table_when_nothing_fits(large):
+    rows = plan_table(large, 1 * GB, "fp8", link_gbps=25.0, workload=WORK)
+    assert all(r.note.startswith("does not fit") for r in rows)
+    assert rows[0].resident_layers == 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vibevoice")
+    add_table_command(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_table_command(capsys):
+    args = _parser().parse_args(["table", "--size", "1.5B", "--vram", "8.5GB", "--stream-dtype", "fp8", "--link-gbps", "30"])
+    assert args.vram == 8_500_000_000
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "default until measured" in out
+    for name in ["auto", *PRESETS]:
+        assert name in out
+
+
+def test_table_command_with_model_folder(capsys):
+    args = _parser().parse_args(["table", "--model", str(CHECKPOINTS / "VibeVoice-Large"), "--vram", "12", "--link-gbps", "25"])
+    assert args.func(args) == 0
+    assert "VibeVoice-Large" in capsys.readouterr().out
+
+
+def test_table_command_rejects_bad_vram(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["table", "--vram", "lots"])
+    assert "cannot read VRAM amount 'lots'" in capsys.readouterr().err
+
+
+def test_table_command_without_vram_or_gpu_fails_clearly(monkeypatch, capsys):
+    def no_gpu(device_index=0):
+        raise PlanError("cannot read the free VRAM of GPU 0: no driver. Pass the VRAM budget explicitly (e.g. --vram 12GB).")
+
+    monkeypatch.setattr(planner, "free_vram_bytes", no_gpu)
+    args = _parser().parse_args(["table", "--size", "Large"])
+    assert args.func(args) == 2
+    assert "--vram 12GB" in capsys.readouterr().err
+
+
+def test_table_command_without_vram_uses_free_vram(monkeypatch, capsys):
+    monkeypatch.setattr(planner, "free_vram_bytes", lambda device_index=0: 10 * GB)
+    args = _parser().parse_args(["table", "--size", "Large", "--link-gbps", "25"])
+    assert args.func(args) == 0
+    assert "budget 9.00 GB (90% of 10.00 GB free)" in capsys.readouterr().out

@@ -1,0 +1,115 @@
+"""A fixed ring of GPU slots that streamed decoder layers are copied into.
+
+Each slot owns one flat device buffer laid out as the layer's NATIVE slab layout (sized
+for the largest streamed layer: all Qwen2 layers are equal), and a "slot module": a
+decoder-layer module built once from the model's own layer structure whose parameters
+are views into that buffer. Running streamed layer i means: its slab was copied into the
+slot, set `slot.module.self_attn.layer_idx = i` (the KV cache index), call the module.
+
+For fp8 streaming a slot also owns an fp8 staging buffer (the layer's fp8 slab bytes):
+the H2D copy lands there and the weights are dequantised on the GPU into the slot's
+model-dtype views (`out.copy_(q); out.mul_(scale[:, None])`: two in-place kernels per
+linear, no temporary allocation), on the copy stream right after the copy.
+
+Nothing here allocates after construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, point_layer
+
+
+def make_shell(template: nn.Module) -> nn.Module:
+    """A structural copy of `template` whose tensors are on the meta device (no data copied)."""
+    memo: dict[int, object] = {}
+    for p in template.parameters(recurse=True):
+        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+    for b in template.buffers(recurse=True):
+        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+    return copy.deepcopy(template, memo)
+
+
+@dataclass
+class Slot:
+    index: int
+    buffer: torch.Tensor  # flat uint8, NATIVE layout, on the device
+    staging: torch.Tensor | None  # flat uint8, FP8 layout (fp8 streaming only)
+    module: nn.Module
+    ops: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (dst, src, row scale) per staged tensor
+    layer: int | None = None  # the layer whose copy was last issued into this slot
+    copy_done: object | None = None  # event recorded on the copy stream when the slot holds `layer`
+    free: object | None = None  # event recorded on the compute stream when `layer` was last used
+    timing: list = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() + (self.staging.numel() if self.staging is not None else 0)
+
+
+def upload_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list:
+    """Per tensor: (destination view in `dst`, source view in `staging`, row scales or None)."""
+    src = stream.by_name()
+    ops = []
+    for entry in native.entries:
+        s = src[entry.name]
+        scale = src[entry.name + ".__scale"].view(staging)[:, None] if s.role == "q" else None
+        ops.append((entry.view(dst), s.view(staging), scale))
+    return ops
+
+
+def run_ops(ops: list) -> None:
+    for dst, src, scale in ops:
+        dst.copy_(src)
+        if scale is not None:
+            dst.mul_(scale)
+
+
+def upload(host: HostLayer, dst: torch.Tensor, staging: torch.Tensor | None, ops: list | None) -> None:
+    """Enqueue `host` into `dst` on the current stream (H2D copy; fp8: then dequantise on the device)."""
+    if host.format == NATIVE:
+        dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+        return
+    assert staging is not None and ops is not None
+    staging[: host.nbytes].copy_(host.slab, non_blocking=True)
+    run_ops(ops)
+
+
+class SlotRing:
+    """`depth` slots on `device`, each with a slot module pointing into its buffer."""
+
+    def __init__(self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, device: torch.device) -> None:
+        if depth < 1:
+            raise ValueError("a slot ring needs at least one slot")
+        self.native, self.stream_layout, self.device = native, stream, device
+        self.slots: list[Slot] = []
+        for i in range(depth):
+            buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
+            staging = torch.empty(stream.nbytes, dtype=torch.uint8, device=device) if stream.format == FP8 else None
+            module = make_shell(template)
+            point_layer(module, native, buffer)
+            ops = upload_ops(native, stream, buffer, staging) if staging is not None else None
+            self.slots.append(Slot(i, buffer, staging, module, ops))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+    def fill(self, slot: Slot, host: HostLayer) -> None:
+        """Enqueue `host`'s weights into `slot` on the current stream."""
+        upload(host, slot.buffer, slot.staging, slot.ops)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.module = None  # type: ignore[assignment]
+            slot.ops = []
+            slot.copy_done = slot.free = None
+        self.slots.clear()

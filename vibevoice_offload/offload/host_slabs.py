@@ -1,0 +1,224 @@
+"""Decoder layers packed into one exact-size (pinned) host slab each.
+
+`torch.Tensor.pin_memory()` rounds every allocation up to a power of two (a 129.5 MiB
+tensor pins 256 MiB), so each layer gets ONE `uint8` slab of exactly the bytes it needs,
+allocated page-locked, and every tensor of the layer is a typed view into it. One H2D
+copy per layer moves the whole slab.
+
+All decoder layers have the same structure, so one `SlabLayout` (name -> offset, shape,
+dtype, role) serves every layer of a format:
+
+- "native": every parameter and buffer in its own dtype (the model dtype for bf16 models;
+  a checkpoint loaded with fp8 layers keeps its fp8 weights and scales as they are);
+- "fp8": each `nn.Linear` weight as float8_e4m3fn plus one float32 scale per output row
+  (row-wise, as `fp8.quantize_fp8`), everything else (biases, norms) in its own dtype.
+
+After packing, the layer module's tensors are views into the slab (native) or released
+to the meta device (fp8: the quantised copy is the only host copy), so host RAM holds each
+layer once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..fp8 import FP8_DTYPE, quantize_fp8
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes; every tensor view starts on a 256-byte boundary (vectorised kernels, DMA)
+
+NATIVE = "native"
+FP8 = "fp8"
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class SlabEntry:
+    name: str  # dotted name inside the layer ("self_attn.q_proj.weight")
+    offset: int  # bytes from the slab's start
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: str  # "raw": stored as used; "q": fp8 weight of an nn.Linear; "scale": its float32 row scales
+    is_param: bool  # a parameter (else a buffer) of its module
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """This entry as a typed tensor inside a flat uint8 buffer (host slab or GPU slot)."""
+        return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Where each tensor of a decoder layer sits in its slab; shared by all layers."""
+
+    format: str
+    entries: tuple[SlabEntry, ...]
+    nbytes: int
+
+    @classmethod
+    def build(cls, layer: nn.Module, fmt: str) -> "SlabLayout":
+        if fmt not in (NATIVE, FP8):
+            raise ValueError(f"unknown slab format {fmt!r}")
+        linear_weights = {f"{name}.weight" if name else "weight" for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        entries: list[SlabEntry] = []
+        offset = 0
+
+        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, role: str, is_param: bool) -> None:
+            nonlocal offset
+            entry = SlabEntry(name, offset, shape, dtype, role, is_param)
+            entries.append(entry)
+            offset = _align(offset + entry.nbytes)
+
+        tensors = [(n, t, True) for n, t in layer.named_parameters()] + [(n, t, False) for n, t in layer.named_buffers()]
+        for name, tensor, is_param in tensors:
+            shape = tuple(tensor.shape)
+            if fmt == FP8 and name in linear_weights and tensor.is_floating_point() and tensor.dim() == 2:
+                add(name, shape, FP8_DTYPE, "q", is_param)
+                add(name + ".__scale", (shape[0],), torch.float32, "scale", False)
+            else:
+                add(name, shape, tensor.dtype, "raw", is_param)
+        return cls(fmt, tuple(entries), offset)
+
+    def by_name(self) -> dict[str, SlabEntry]:
+        return {e.name: e for e in self.entries}
+
+    def matches(self, layer: nn.Module) -> bool:
+        """True when `layer` has exactly this layout's tensors (names and shapes)."""
+        try:
+            other = SlabLayout.build(layer, self.format)
+        except Exception:  # noqa: BLE001 - a structurally different layer
+            return False
+        return [(e.name, e.shape, e.dtype) for e in other.entries] == [(e.name, e.shape, e.dtype) for e in self.entries]
+
+
+def allocate_slab(nbytes: int, pinned: bool) -> tuple[torch.Tensor, bool]:
+    """An exact-size host buffer; page-locked when asked and possible. Returns (slab, is_pinned)."""
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
+        except (RuntimeError, MemoryError) as exc:
+            log.warning(
+                "pinning a %.1f MB host slab failed (%s): falling back to pageable memory; copies to the GPU "
+                "will be several times slower but results are unchanged", nbytes / 1e6, exc,
+            )
+    return torch.empty(nbytes, dtype=torch.uint8), False
+
+
+def _set_tensor(layer: nn.Module, entry: SlabEntry, value: torch.Tensor) -> None:
+    module_name, _, attr = entry.name.rpartition(".")
+    module = layer.get_submodule(module_name) if module_name else layer
+    if entry.is_param:
+        param = module._parameters[attr]
+        if param is not None and param.dtype == value.dtype and param.device == value.device and param.shape == value.shape:
+            param.data = value  # keep the Parameter object (tied or referenced elsewhere)
+        else:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _get_tensor(layer: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    module = layer.get_submodule(module_name) if module_name else layer
+    t = module._parameters.get(attr)
+    return t if t is not None else module._buffers[attr]
+
+
+def point_layer(layer: nn.Module, layout: SlabLayout, flat: torch.Tensor) -> None:
+    """Make `layer`'s tensors views into `flat` (a buffer laid out as `layout`, NATIVE format)."""
+    assert layout.format == NATIVE
+    for entry in layout.entries:
+        _set_tensor(layer, entry, entry.view(flat))
+
+
+def release_layer(layer: nn.Module, native: SlabLayout) -> None:
+    """Point `layer`'s tensors at the meta device: its weights live only in a slab or a GPU buffer."""
+    for entry in native.entries:
+        _set_tensor(layer, entry, torch.empty(entry.shape, dtype=entry.dtype, device="meta"))
+
+
+def _orig_dtype(layer: nn.Module, entry: SlabEntry) -> torch.dtype:
+    return _get_tensor(layer, entry.name).dtype
+
+
+@dataclass
+class HostLayer:
+    """One decoder layer's host copy: a slab and the layout it is packed in."""
+
+    slab: torch.Tensor
+    layout: SlabLayout
+    pinned: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.slab.numel()
+
+    @property
+    def format(self) -> str:
+        return self.layout.format
+
+
+def pack_layer(layer: nn.Module, layout: SlabLayout, pinned: bool) -> HostLayer:
+    """Copy `layer`'s tensors into a new slab (quantising for FP8) and point the layer at it.
+
+    NATIVE: the layer's tensors become views into the slab (no second host copy).
+    FP8: the layer's linear weights are released to meta (the fp8 slab is the host copy);
+    its other tensors become views into the slab."""
+    slab, is_pinned = allocate_slab(layout.nbytes, pinned)
+    entries = layout.by_name()
+    for entry in layout.entries:
+        if entry.role == "scale":
+            continue
+        source = _get_tensor(layer, entry.name)
+        if source.is_meta:
+            raise ValueError(f"decoder layer tensor {entry.name} is on the meta device; nothing to pack")
+        if entry.role == "q":
+            q, scale = quantize_fp8(source.detach())
+            entry.view(slab).copy_(q)
+            entries[entry.name + ".__scale"].view(slab).copy_(scale)
+        else:
+            entry.view(slab).copy_(source.detach())
+    host = HostLayer(slab, layout, is_pinned)
+    for entry in layout.entries:
+        if entry.role == "raw":
+            _set_tensor(layer, entry, entry.view(slab))
+        elif entry.role == "q":
+            _set_tensor(layer, entry, torch.empty(entry.shape, dtype=_orig_dtype(layer, entry), device="meta"))
+    return host
+
+
+def dequantize_host(host: HostLayer, native: SlabLayout, dtype_of: dict[str, torch.dtype]) -> torch.Tensor:
+    """A NATIVE-layout pageable copy of a host layer (dequantising fp8 weights on the CPU)."""
+    flat = torch.empty(native.nbytes, dtype=torch.uint8)
+    src = host.layout.by_name()
+    for entry in native.entries:
+        s = src[entry.name]
+        if s.role == "q":
+            q = s.view(host.slab)
+            scale = src[entry.name + ".__scale"].view(host.slab)
+            entry.view(flat).copy_((q.to(torch.float32) * scale[:, None]).to(entry.dtype))
+        else:
+            entry.view(flat).copy_(s.view(host.slab))
+    return flat
+
+
+def unpack_layer(layer: nn.Module, host: HostLayer, native: SlabLayout) -> None:
+    """Give `layer` ordinary pageable tensors again (slab no longer referenced by it).
+    fp8 slabs are dequantised: the layer then holds the fp8-rounded weights."""
+    flat = dequantize_host(host, native, {}) if host.format == FP8 else host.slab.clone()
+    for entry in native.entries:
+        _set_tensor(layer, entry, entry.view(flat).clone())
