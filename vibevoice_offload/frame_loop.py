@@ -40,7 +40,9 @@ class GenerationSettings:
     max_seconds: float | None = None
 
     def frame_cap(self, prompt_length: int, hop: int) -> int:
-        caps = [c for c in (self.max_frames, self.max_seconds and math.ceil(self.max_seconds * SAMPLE_RATE / hop)) if c]
+        # The small epsilon keeps an exact number of frames (7 x 3200 samples) from rounding up to 8.
+        seconds_cap = self.max_seconds and math.ceil(self.max_seconds * SAMPLE_RATE / hop - 1e-6)
+        caps = [c for c in (self.max_frames, seconds_cap) if c]
         return int(min(caps)) if caps else prompt_length
 
 

@@ -163,7 +163,7 @@ def write_tokenizer(out_dir: Path | str) -> Path:
     """A small character-level tokenizer with Qwen2.5's special tokens at their real ids.
 
     Stands in for the Qwen2.5 tokenizer (not shipped with checkpoints) where none is on disk."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +173,7 @@ def write_tokenizer(out_dir: Path | str) -> Path:
     vocab.update(specials)
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join without separators
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",

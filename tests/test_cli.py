@@ -1,0 +1,51 @@
+"""The command line: the demo end to end, generate from WAV files, clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vibevoice_offload", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_writes_a_24khz_wav_of_the_expected_length(tmp_path):
+    run = cli("demo", "--cache", str(tmp_path), "--max-seconds", "1.2", "--steps", "3")
+    assert run.returncode == 0, run.stderr
+    audio, rate = soundfile.read(tmp_path / "demo.wav")
+    assert rate == 24000
+    assert len(audio) == 9 * 3200  # 1.2 s is exactly 9 frames of 3200 samples
+    assert np.isfinite(audio).all() and audio.std() > 0
+    assert "demo.wav" in run.stdout and "ms per frame" in run.stdout
+    assert (tmp_path / "demo-model" / "config.json").is_file()
+
+
+def test_generate_from_wav_files(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(0)
+    soundfile.write(tmp_path / "a.wav", 0.1 * rng.standard_normal((800, 2)), 16000)
+    soundfile.write(tmp_path / "b.wav", 0.1 * rng.standard_normal(600), 48000)
+    (tmp_path / "script.txt").write_text("Speaker 1: Hi.\n[2]: Hello.\n")
+    out = tmp_path / "out" / "dialog.wav"
+    run = cli("generate", "--model", str(tiny_model_dir), "--script", str(tmp_path / "script.txt"),
+              "--voice", f"1={tmp_path / 'a.wav'}", "--voice", f"2={tmp_path / 'b.wav'}", "--out", str(out),
+              "--steps", "2", "--seed", "3", "--dtype", "fp32", "--max-seconds", str(6 * 4 / 24000))
+    assert run.returncode == 0, run.stderr
+    audio, rate = soundfile.read(out)
+    assert rate == 24000 and len(audio) == 6 * 4
+    assert "frame 6/6" in run.stderr  # the progress bar
+
+
+def test_errors_are_one_clear_line(tmp_path, tiny_model_dir):
+    (tmp_path / "script.txt").write_text("Speaker 1: Hi.\n")
+    run = cli("generate", "--model", str(tmp_path / "missing"), "--script", str(tmp_path / "script.txt"),
+              "--voice", "1=x.wav", "--out", str(tmp_path / "o.wav"))
+    assert run.returncode == 2 and "x.wav: cannot read audio" in run.stderr
+    soundfile.write(tmp_path / "a.wav", np.zeros(4000), 24000)
+    run = cli("generate", "--model", str(tiny_model_dir), "--script", str(tmp_path / "script.txt"),
+              "--voice", f"1={tmp_path / 'a.wav'}", "--out", str(tmp_path / "o.wav"))
+    assert run.returncode == 2 and "error: voice clip for speaker 1 is silent" in run.stderr

@@ -1,0 +1,154 @@
+"""Our frame loop against transformers' own `generate`, and its one-pass-per-layer order."""
+
+import pytest
+import torch
+from transformers.generation import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+from vibevoice_offload.executor import ResidentExecutor
+from vibevoice_offload.frame_loop import GenerationSettings, make_scheduler
+from vibevoice_offload.pipeline import VibeVoice
+from vibevoice_offload.prompt import build_prompt
+
+SCRIPT = "Speaker 1: Hello there.\nSpeaker 2: Hi!"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return VibeVoice.load(tiny_model_dir, dtype="fp32")
+
+
+def reference_audio(vv: VibeVoice, voices, cfg: float, steps: int, frames: int, seed: int) -> torch.Tensor:
+    """transformers' generate on the same prompt; at cfg != 1 without its extra logits-CFG
+    processor (a third LLM pass that the original model does not have)."""
+    prompt = build_prompt(vv.tokenizer, vv.checkpoint.config, SCRIPT, voices)
+    model = vv.model
+    stock = model._get_logits_processor
+
+    def without_logits_cfg(*args, **kwargs):
+        processors = stock(*args, **kwargs)
+        return type(processors)(p for p in processors if not isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor))
+
+    model._get_logits_processor = without_logits_cfg
+    try:
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
+            input_values=prompt.voice_values, padding_mask=prompt.voice_mask,
+            max_new_tokens=frames, guidance_scale=cfg, num_diffusion_steps=steps,
+            noise_scheduler=make_scheduler(), return_dict_in_generate=True,
+        )
+    finally:
+        del model._get_logits_processor
+    return out.audio[0].flatten()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 1.3])
+def test_waveform_equals_transformers_generate(tiny, two_voices, cfg):
+    ours = tiny.generate(SCRIPT, two_voices, GenerationSettings(cfg=cfg, steps=5, seed=7, max_frames=10)).waveform
+    reference = reference_audio(tiny, two_voices, cfg, steps=5, frames=10, seed=7)
+    assert ours.shape == reference.shape == (10 * 4,)
+    assert (ours - reference).abs().max().item() <= 1e-5
+
+
+def test_the_logits_cfg_processor_is_what_differs(tiny, two_voices):
+    """Sanity of the reference: stock generate at cfg 1.3 runs a third pass; our frames still match
+    the processor-free run above, so the processor removal is the only adjustment."""
+    calls = []
+    layer = tiny.model.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        reference_audio(tiny, two_voices, 1.3, steps=2, frames=3, seed=1)
+        passes_without_processor = len(calls)
+        calls.clear()
+        prompt = build_prompt(tiny.tokenizer, tiny.checkpoint.config, SCRIPT, two_voices)
+        torch.manual_seed(1)
+        tiny.model.generate(input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
+                            input_values=prompt.voice_values, padding_mask=prompt.voice_mask, max_new_tokens=3,
+                            guidance_scale=1.3, num_diffusion_steps=2, noise_scheduler=make_scheduler())
+    finally:
+        handle.remove()
+    assert len(calls) > passes_without_processor
+
+
+class CountingExecutor(ResidentExecutor):
+    """Records every decoder-layer fetch and every layer forward, per frame."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.events: list[tuple[str, int]] = []
+        for index, layer in enumerate(model.model.language_model.layers):
+            layer.register_forward_pre_hook(lambda module, args, index=index: self.events.append(("forward", index)))
+
+    def decoder_layer(self, index):
+        self.events.append(("fetch", index))
+        return super().decoder_layer(index)
+
+    def decoder_layer_done(self, index):
+        self.events.append(("done", index))
+
+
+@pytest.mark.parametrize("cfg,branches", [(1.3, 2), (1.0, 1)])
+def test_each_layer_is_fetched_once_per_frame_for_both_branches(tiny_model_dir, two_voices, cfg, branches):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    executor = CountingExecutor(vv.model)
+    frames = 5
+    result = vv.generate(SCRIPT, two_voices, GenerationSettings(cfg=cfg, steps=2, max_frames=frames), executor=executor)
+    layers = vv.checkpoint.config.text_config.num_hidden_layers
+    assert result.stats["frames"] == frames
+    one_pass = []
+    for i in range(layers):
+        one_pass += [("fetch", i)] + [("forward", i)] * branches + [("done", i)]
+    # prefill + one pass per later frame (the last frame's token came from the previous pass)
+    assert executor.events == one_pass * frames
+
+
+def test_callback_sees_every_frame_and_can_stop(tiny, two_voices):
+    seen = []
+
+    def on_frame(frame, total, chunk):
+        seen.append((frame, total, chunk.numel()))
+        return frame < 3
+
+    result = tiny.generate(SCRIPT, two_voices, GenerationSettings(steps=2, max_frames=8), on_frame=on_frame)
+    assert seen == [(1, 8, 4), (2, 8, 4), (3, 8, 4)]
+    assert result.stats["stopped"] == "callback" and result.waveform.numel() == 12
+
+
+def test_caps_default_seconds_and_frames(tiny, two_voices):
+    settings = GenerationSettings(steps=1, max_seconds=7 * 4 / 24000)
+    assert tiny.generate(SCRIPT, two_voices, settings).stats["frames"] == 7
+    prompt = build_prompt(tiny.tokenizer, tiny.checkpoint.config, SCRIPT, two_voices)
+    assert GenerationSettings().frame_cap(prompt.length, 4) == prompt.length  # twice the prompt in all
+
+
+def test_end_token_stops_and_stats_are_reported(tiny_model_dir, two_voices):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    with torch.no_grad():  # the end token now outscores the frame token
+        vv.model.lm_head.weight[vv.checkpoint.config.eos_token_id, 0] = 100.0
+    result = vv.generate(SCRIPT, two_voices, GenerationSettings(steps=2, max_frames=50))
+    stats = result.stats
+    assert stats["frames"] == 0 and stats["tokens"] == 1 and stats["stopped"] == "end"
+    assert result.waveform.numel() == 0
+
+
+def test_stats_are_reported(tiny, two_voices):
+    result = tiny.generate(SCRIPT, two_voices, GenerationSettings(steps=2, max_frames=4))
+    stats = result.stats
+    assert stats["frames"] == 4 and stats["tokens"] == 4 and stats["stopped"] == "cap"
+    assert result.sample_rate == 24000 and stats["audio_seconds"] == pytest.approx(16 / 24000)
+    assert stats["ms_per_frame"] > 0 and stats["rtf"] == pytest.approx(stats["ms_per_frame"] / (4 / 24))
+
+
+def test_same_seed_same_audio_other_seed_other_audio(tiny, two_voices):
+    def run(seed):
+        return tiny.generate(SCRIPT, two_voices, GenerationSettings(steps=2, seed=seed, max_frames=4)).waveform
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(a).all() and a.std() > 0
+
+
+@pytest.mark.parametrize("bad,message", [(dict(steps=0), "steps"), (dict(cfg=0.5), "cfg")])
+def test_bad_settings(tiny, two_voices, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.generate(SCRIPT, two_voices, GenerationSettings(max_frames=2, **bad))
