@@ -141,8 +141,8 @@ def test_slots(large):
     layer, layer_fp8 = 466_115_584, 233_268_224
     assert _estimate(large, OffloadPlan(0, "bf16", prefetch_depth=3)).slots == 3 * layer
     assert _estimate(large, OffloadPlan(28, "bf16")).slots == 0
-    dequant_scratch = 18944 * 3584 * 2  # gate/up/down are the largest weights
-    assert _estimate(large, OffloadPlan(10, "fp8")).slots == 2 * layer + 2 * layer_fp8 + dequant_scratch
+    assert _estimate(large, OffloadPlan(27, "bf16", prefetch_depth=3)).slots == layer  # one layer: one slot
+    assert _estimate(large, OffloadPlan(10, "fp8")).slots == 2 * layer + 2 * layer_fp8
 
 
 def test_host_ram_holds_streamed_slabs_in_stream_dtype(large):
@@ -152,6 +152,26 @@ def test_host_ram_holds_streamed_slabs_in_stream_dtype(large):
     on_host = _estimate(large, OffloadPlan(8, "bf16", embed_on_host=True))
     assert on_host.host_ram == 20 * 466_115_584 + encoder + 152064 * 3584 * 2
     assert on_host.resident_weights == _estimate(large, OffloadPlan(8, "bf16")).resident_weights - 152064 * 3584 * 2
+
+
+def test_voice_clips_are_encoded_as_one_padded_batch(large):
+    one = _estimate(large, OffloadPlan(6, "bf16"), Workload((239_999,), 900, 400))  # padded to 75 x 3200
+    two = _estimate(large, OffloadPlan(6, "bf16"), Workload((240_000, 100_000), 900, 400))
+    weights = model_sizes(large).acoustic_encoder
+    assert two.acoustic_encoder_peak - weights == 2 * (one.acoustic_encoder_peak - weights)
+    # the stem's 32 channels x 240,000 samples is the widest point: 3 + 2 x 4 bf16 tensors + 8 bytes of float32
+    assert one.acoustic_encoder_peak == weights + 240_000 * (4 + 2) + 32 * 240_000 * (11 * 2 + 8)
+    assert _estimate(large, OffloadPlan(6, "bf16"), Workload((), 900, 400)).acoustic_encoder_peak == 0
+
+
+def test_host_copy_adds_what_is_on_the_gpu_plus_the_full_lm_head(large, small):
+    for config in (large, small):
+        sizes = model_sizes(config)
+        plan = OffloadPlan(5, "fp8")
+        without, with_copy = _estimate(config, plan), _estimate(config, plan, keep_host_copy=True)
+        gpu_weights = 5 * sizes.layers[0] + sizes.norm + sizes.embed_tokens + sizes.diffusion_head + sizes.acoustic_decoder
+        gpu_weights += sizes.semantic_encoder + sizes.acoustic_connector + sizes.semantic_connector + sizes.other
+        assert with_copy.host_ram - without.host_ram == gpu_weights + sizes.lm_head
 
 
 def test_total_is_the_larger_phase_plus_slack(large):
@@ -173,9 +193,12 @@ def test_longer_audio_needs_more_vram(large):
 def test_more_resident_layers_need_more_vram(size, stream_dtype):
     config = load_size_config(size)
     totals = [_estimate(config, OffloadPlan(r, stream_dtype)).total_vram for r in range(29)]
-    assert all(a < b for a, b in zip(totals[:28], totals[1:28]))  # 0..27: strictly increasing
+    assert all(a < b for a, b in zip(totals[:26], totals[1:27]))  # 0..26 (two-slot ring): strictly increasing
+    # At the top the ring shrinks to one slot, then disappears.
     if stream_dtype == "bf16":
-        assert totals[28] < totals[27]  # all resident drops the two-slot ring
+        assert totals[26] == totals[27] == totals[28]  # 26 + 2 slots = 27 + 1 slot = 28 layers
+    else:
+        assert totals[27] < totals[26] and totals[28] < totals[27]  # fewer fp8 staging buffers
 
 
 # ---------------------------------------------------------------------- modes
@@ -419,3 +442,22 @@ def test_table_command_without_vram_uses_free_vram(monkeypatch, capsys):
     args = _parser().parse_args(["table", "--size", "Large", "--link-gbps", "25"])
     assert args.func(args) == 0
     assert "budget 9.00 GB (90% of 10.00 GB free)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+def test_link_bandwidth_is_measured_once_per_gpu(tmp_path):
+    cache = tmp_path / "link.json"
+    measured = link_bandwidth_gbps(cache_file=cache)
+    assert 1.0 < measured < 1000.0  # pinned H2D: PCIe 3 x4 .. NVLink-C2C
+    assert json.loads(cache.read_text()) == {torch.cuda.get_device_name(): round(measured, 2)}
+    assert link_bandwidth_gbps(cache_file=cache) == round(measured, 2)
+
+
+@pytest.mark.gpu
+def test_free_vram_on_a_gpu():
+    free = free_vram_bytes(0)
+    _, total = torch.cuda.mem_get_info(0)
+    assert 0 < free <= total

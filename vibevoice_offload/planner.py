@@ -25,17 +25,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import VibeVoiceConfig, VibeVoiceForConditionalGeneration
+from transformers import PretrainedConfig, VibeVoiceConfig, VibeVoiceForConditionalGeneration
 
 from .config import SAMPLE_RATE, build_config, detect_layout, hop_length, load_config
 from .errors import VibeVoiceError
+from .fp8 import FP8_DTYPE
 from .plan import OffloadPlan, StreamDtype
 
 GB = 10**9
 MiB = 2**20
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_SCALE_DTYPE = torch.float32  # one scale per output row of each streamed nn.Linear
+FP8_SCALE_DTYPE = torch.float32  # one scale per output row of each streamed nn.Linear (fp8.quantize_fp8)
 LM_HEAD_ROWS = 4  # speech start / end / frame and end: the only ids the decoder may emit
 
 
@@ -67,7 +67,6 @@ class _LayerCensus:
     linear_weight_numel: int  # elements of all nn.Linear weights (fp8-quantisable)
     linear_rows: int  # sum of out_features: one fp8 scale each
     other_numel: int  # biases and norms: stay in the model dtype
-    largest_linear_numel: int  # the biggest weight the engine dequantises at once
 
 
 @dataclass(frozen=True)
@@ -121,14 +120,7 @@ def _take_census(config: VibeVoiceConfig) -> _Census:
         linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
         linear_weight_numel = sum(m.weight.numel() for m in linears)
         total = sum(p.numel() for p in layer.parameters())
-        layers.append(
-            _LayerCensus(
-                linear_weight_numel=linear_weight_numel,
-                linear_rows=sum(m.out_features for m in linears),
-                other_numel=total - linear_weight_numel,
-                largest_linear_numel=max((m.weight.numel() for m in linears), default=0),
-            )
-        )
+        layers.append(_LayerCensus(linear_weight_numel, sum(m.out_features for m in linears), total - linear_weight_numel))
     conv_cache = {
         "acoustic_decoder": _conv_cache_elements(model.model.audio_tower.decoder),
         "semantic_encoder": _conv_cache_elements(model.model.semantic_tokenizer_encoder),
@@ -220,16 +212,17 @@ def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> Mode
 # The workload a plan is sized for
 # --------------------------------------------------------------------------------------
 
-# Prompt tokens besides the script text and the voice frames, counted by hand on the prompt
-# in VIBEVOICE.md and rounded up: the system line (~22 tokens), " Voice input:\n",
-# " Text input:\n", " Speech output:\n" and the final speech start (~13).
+# Prompt tokens besides the script text and the voice frames (prompt.py's layout). Measured
+# with Qwen2.5's tokenizer: the system line, " Voice input:\n", " Text input:\n",
+# " Speech output:\n" and the final speech start are 30 tokens; rounded up for safety.
 PROMPT_FIXED_TOKENS = 48
-# Per speaker: " Speaker {i}:", speech start, speech end, "\n" (~6).
+# Per speaker: " Speaker {i}:" (4 tokens), speech start, speech end, "\n": 7; rounded up.
 PROMPT_TOKENS_PER_SPEAKER = 8
 
 FRAMES_PER_MINUTE = 450  # 7.5 frames per second (3200-sample frames at 24 kHz)
-# About 150 spoken words a minute plus the " Speaker k:" line prefixes: an assumption for
-# sizing the prompt when the script is not known yet (the nodes pass the real count).
+# About 150 spoken words a minute at ~1.25 tokens a word, plus the " Speaker k:" line
+# prefixes, rounded up: an assumption for sizing the prompt when the script is not known
+# yet (the nodes pass the real count).
 TEXT_TOKENS_PER_MINUTE = 250
 
 
@@ -311,7 +304,7 @@ def _decoder_pass_bytes(config: VibeVoiceConfig, q_len: int, kv_len: int, batch:
     return elements * itemsize + batch * q_len * kv_len + batch * 2 * q_len * head_dim * 4
 
 
-def _conv_extents(tokenizer_config, samples: int) -> list[tuple[int, int]]:
+def _conv_extents(tokenizer_config: PretrainedConfig, samples: int) -> list[tuple[int, int]]:
     """(channels, length) at each resolution of the acoustic/semantic conv stack for a
     clip of `samples`: the stem at `num_filters` x samples, then stage i at
     num_filters x 2**(i+1) channels and samples / prod(ratios[:i+1]) steps. The decoder
@@ -324,7 +317,7 @@ def _conv_extents(tokenizer_config, samples: int) -> list[tuple[int, int]]:
     return extents
 
 
-def _conv_stack_peak_bytes(tokenizer_config, samples: int, itemsize: int) -> int:
+def _conv_stack_peak_bytes(tokenizer_config: PretrainedConfig, samples: int, itemsize: int) -> int:
     """Peak activation bytes of a ConvNeXt conv stack on one clip: at the widest
     channels x length, 3 model-dtype tensors (residual, block input, causally padded copy)
     + 2 x ffn_expansion (first FFN linear's output and its GELU) + 8 bytes of float32
@@ -364,10 +357,11 @@ class Estimate:
     goes to the GPU), diffusion head, acoustic decoder, semantic encoder, both connectors,
     and `other` (scalars, rotary buffers)."""
     slots: int
-    """The streaming ring (0 when nothing is streamed): prefetch_depth x the largest
-    streamed layer in the model dtype; for fp8 also prefetch_depth fp8 staging buffers (the
-    layer's fp8 bytes incl. scales) and one model-dtype scratch of the largest nn.Linear
-    weight for dequantisation."""
+    """The streaming ring: min(prefetch_depth, streamed layers) slots (the engine never
+    allocates more slots than layers to stream; 0 when nothing is streamed), each the
+    largest streamed layer in the model dtype, plus for fp8 one fp8 staging buffer per slot
+    (the layer's fp8 bytes incl. scales). Dequantisation runs in place in the slot (copy,
+    then multiply by the row scales), so it needs no scratch."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU):
     (positive positions prompt_len + max_frames, plus negative positions max_frames + 1)
@@ -377,15 +371,19 @@ class Estimate:
     batch 1) + logits of the 4-row slice for every prompt position (prompt_len x 4 x 4 bytes,
     float32)."""
     acoustic_encoder_peak: int
-    """Encoding the longest voice clip before the prompt pass (the encoder is on the GPU
-    only then): encoder weights + the clip as float32 and in the model dtype + the conv
-    stack's peak activations (`_conv_stack_peak_bytes`)."""
+    """Encoding the voice clips before the prompt pass (the encoder is on the GPU only
+    then). The clips run as one batch zero-padded to the longest, so with S speakers and L
+    samples in the longest clip rounded up to a multiple of the hop (3200): encoder
+    weights + S x L x (4 + dtype bytes) (the clips as float32 and in the model dtype)
+    + S x the conv stack's peak for L samples (`_conv_stack_peak_bytes`)."""
     diffusion_and_tokenizer_workspace: int
-    """Per-frame transients, summed: one decode step of both branches (`_decoder_pass_bytes`
-    with q = 1, kv = longest branch, batch 2; plus 2 x 4 float32 logits); one layer's K and
-    V of the positive branch copied while DynamicCache concatenates; one diffusion-head step
+    """Per-frame transients, summed: one decode step (`_decoder_pass_bytes` with q = 1,
+    kv = the positive branch's length, batch 1: the loop runs the two branches through a
+    layer one after the other; plus 2 x 4 float32 logits); one diffusion-head step
     (`_diffusion_bytes`); the conv stack's peak on one frame (hop samples); and the
-    streaming conv caches of the acoustic decoder and semantic encoder (batch 1)."""
+    streaming conv caches of the acoustic decoder and semantic encoder (batch 1). KV caches
+    are preallocated to their final length (`Executor.new_kv_cache(max_length)`), so
+    growing them copies nothing."""
     allocator_slack: int
     """Fragmentation and rounding: 5% of the larger phase + 64 MiB."""
     total_vram: int
@@ -433,6 +431,7 @@ def estimate(
     census = _census(config)
     sizes = _sizes(config, census, dtype)
     itemsize = dtype.itemsize
+    hop = hop_length(config)
     r = plan.resident_layers
     streamed = range(r, num_layers)
 
@@ -444,10 +443,11 @@ def estimate(
 
     slots = 0
     if streamed:
-        slots = plan.prefetch_depth * max(sizes.layers[i] for i in streamed)
+        ring = min(plan.prefetch_depth, len(streamed))
+        slot = max(sizes.layers[i] for i in streamed)
         if plan.fp8:
-            scratch = max(census.layers[i].largest_linear_numel for i in streamed) * itemsize
-            slots += plan.prefetch_depth * max(sizes.layers_fp8[i] for i in streamed) + scratch
+            slot += max(sizes.layers_fp8[i] for i in streamed)
+        slots = ring * slot
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
     positive = prompt_len + max_frames
@@ -456,18 +456,15 @@ def estimate(
     prefill = _decoder_pass_bytes(config, prompt_len, prompt_len, 1, itemsize) + prompt_len * LM_HEAD_ROWS * 4
 
     clips = _clips(voice_samples)
-    longest = max(clips, default=0)
     encoder_peak = 0
-    if longest:
-        encoder_peak = (
-            sizes.acoustic_encoder + longest * (4 + itemsize) + _conv_stack_peak_bytes(config.audio_config, longest, itemsize)
+    if clips:
+        longest = math.ceil(max(clips) / hop) * hop
+        encoder_peak = sizes.acoustic_encoder + len(clips) * (
+            longest * (4 + itemsize) + _conv_stack_peak_bytes(config.audio_config, longest, itemsize)
         )
 
-    hop = hop_length(config)
-    tc = config.text_config
     workspace = (
-        _decoder_pass_bytes(config, 1, positive, 2, itemsize) + 2 * LM_HEAD_ROWS * 4
-        + 2 * tc.num_key_value_heads * _head_dim(config) * positive * itemsize
+        _decoder_pass_bytes(config, 1, positive, 1, itemsize) + 2 * LM_HEAD_ROWS * 4
         + _diffusion_bytes(config, itemsize)
         + max(
             _conv_stack_peak_bytes(config.audio_config, hop, itemsize),
@@ -635,8 +632,9 @@ def plan_auto(
 ) -> OffloadPlan:
     """The plan with the most resident layers whose estimate fits `budget_bytes`.
 
-    Searches from all-resident downwards: the estimate is not monotone at the top (keeping
-    every layer drops the ring, so N resident can fit where N-1 does not).
+    Searches from all-resident downwards: the estimate is not monotone at the top (with
+    fp8, N-1 resident layers need one slot plus its staging buffer, more than the layer
+    itself; keeping all N drops the ring).
     """
     n = config.text_config.num_hidden_layers
     for resident in range(n, -1, -1):
