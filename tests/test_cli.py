@@ -49,3 +49,10 @@ def test_errors_are_one_clear_line(tmp_path, tiny_model_dir):
     run = cli("generate", "--model", str(tiny_model_dir), "--script", str(tmp_path / "script.txt"),
               "--voice", f"1={tmp_path / 'a.wav'}", "--out", str(tmp_path / "o.wav"))
     assert run.returncode == 2 and "error: voice clip for speaker 1 is silent" in run.stderr
+
+
+def test_table_lists_auto_and_every_preset():
+    run = cli("table", "--size", "1.5B", "--vram", "4GB", "--stream-dtype", "bf16", "--link-gbps", "25")
+    assert run.returncode == 0, run.stderr
+    for mode in ("auto", "light", "moderate", "balanced", "aggressive", "extreme"):
+        assert f"\n{mode} " in run.stdout

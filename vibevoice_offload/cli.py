@@ -1,4 +1,4 @@
-"""`python -m vibevoice_offload generate | demo | table | bench`."""
+"""`python -m vibevoice_offload generate | demo | table`."""
 
 from __future__ import annotations
 
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output WAV (default: <cache>/demo.wav)")
     add_sampling(demo, 4.0)
     demo.set_defaults(func=cmd_demo)
+
+    from .planner import add_table_command
+
+    add_table_command(commands)
     return parser
 
 
