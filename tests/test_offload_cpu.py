@@ -1,0 +1,269 @@
+"""The layer offloader's bookkeeping on the CPU (no streams): same engine code, synchronous copies."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from vibevoice_offload.executor import ResidentExecutor
+from vibevoice_offload.frame_loop import GenerationSettings
+from vibevoice_offload.offload import OffloadEngine, PreallocatedCache, SlabLayout
+from vibevoice_offload.offload.gpu_slots import make_shell
+from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE
+from vibevoice_offload.pipeline import VibeVoice
+from vibevoice_offload.plan import OffloadPlan
+
+SCRIPT = "Speaker 1: Hello there.\nSpeaker 2: Hi!"
+SETTINGS = GenerationSettings(cfg=1.3, steps=3, seed=7, max_frames=6)
+LAYERS = 4  # the tiny synthetic model
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    g = torch.Generator().manual_seed(1)
+    voices = {1: (torch.randn(1, 40, generator=g) * 0.1, 24000), 2: (torch.randn(2, 30, generator=g) * 0.1, 16000)}
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    return voices, vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model))
+
+
+def engine_for(tiny_model_dir, plan, dtype="fp32"):
+    vv = VibeVoice.load(tiny_model_dir, dtype=dtype)
+    return vv, OffloadEngine(vv.model, plan, "cpu")
+
+
+# --- plan validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", [OffloadPlan(5, "bf16"), OffloadPlan(-1, "bf16"), OffloadPlan(2, "int4"), OffloadPlan(2, "bf16", prefetch_depth=1)])
+def test_engine_refuses_invalid_plans(tiny_model_dir, plan):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    with pytest.raises(ValueError):
+        OffloadEngine(vv.model, plan, "cpu")
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+
+def test_layouts_are_aligned_exact_and_fp8_halves_the_linears(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
+    layer = vv.model.model.language_model.layers[0]
+    native, fp8 = SlabLayout.build(layer, NATIVE), SlabLayout.build(layer, FP8)
+    tensors = dict(layer.named_parameters())
+    assert {e.name for e in native.entries} == set(tensors)
+    assert all(e.offset % ALIGN == 0 for e in native.entries + fp8.entries)
+    assert native.nbytes >= sum(t.numel() * t.element_size() for t in tensors.values())
+    assert native.nbytes - sum(t.numel() * t.element_size() for t in tensors.values()) < ALIGN * len(tensors)
+    q = [e for e in fp8.entries if e.role == "q"]
+    assert {e.name for e in q} == {n for n in tensors if n.endswith("proj.weight")}
+    assert all(e.dtype == torch.float8_e4m3fn for e in q)
+    assert all(native.matches(l) for l in vv.model.model.language_model.layers)
+
+
+def test_make_shell_copies_structure_not_data(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    layer = vv.model.model.language_model.layers[0]
+    shell = make_shell(layer)
+    assert all(p.is_meta for p in shell.parameters())
+    assert [n for n, _ in shell.named_parameters()] == [n for n, _ in layer.named_parameters()]
+    assert not any(p.is_meta for p in layer.parameters())
+
+
+# --- exactness ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resident,depth", [(LAYERS, 2), (2, 2), (1, 2), (0, 2), (0, 3), (1, 4)])
+def test_engine_output_equals_resident_executor(tiny_model_dir, reference, resident, depth):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(resident, "bf16", prefetch_depth=depth))
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    assert torch.equal(out.waveform, ref.waveform)
+    stats = engine.stats()
+    assert stats["offload_streamed_layers"] == LAYERS - resident
+    if resident < LAYERS:
+        # each pass streams every streamed layer once; the ring runs ahead by at most its depth
+        assert stats["offload_passes"] == SETTINGS.max_frames
+        lo = stats["offload_passes"] * (LAYERS - resident)
+        assert lo <= stats["offload_copies"] <= lo + min(depth, LAYERS - resident)
+    engine.close()
+
+
+def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8"))
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    stats = engine.stats()
+    assert out.waveform.shape == ref.waveform.shape and torch.isfinite(out.waveform).all()
+    assert stats["offload_bytes_streamed"] / stats["offload_copies"] < engine.native.nbytes
+    engine.close()
+
+
+# --- the ring ----------------------------------------------------------------------------------------
+
+def _trace(engine):
+    """Record (layer, slot) of every copy the engine issues."""
+    issued = []
+    original = engine._issue
+
+    def issue():
+        original()
+        layer, slot = engine._queue[-1]
+        issued.append((layer, slot.index))
+
+    engine._issue = issue
+    return issued
+
+
+@pytest.mark.parametrize("resident,depth", [(1, 2), (0, 3), (2, 2), (0, 2)])
+def test_prefetch_runs_cyclically_across_passes_and_slots_rotate(tiny_model_dir, reference, resident, depth):
+    voices, _ = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(resident, "bf16", prefetch_depth=depth))
+    issued = _trace(engine)
+    engine.load()  # primes the ring: the first `depth` streamed layers
+    vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    streamed = list(range(resident, LAYERS))
+    depth = min(depth, len(streamed))
+    # the copy order is the streamed layers cyclically, wrapping from one pass into the next
+    assert [layer for layer, _ in issued] == [streamed[c % len(streamed)] for c in range(len(issued))]
+    # slots are reused round-robin: copy c goes to slot c % depth
+    assert [slot for _, slot in issued] == [c % depth for c in range(len(issued))]
+    # the last pass already issued the first layers of a pass that never came: prefetch across frames
+    assert len(issued) == SETTINGS.max_frames * len(streamed) + depth
+    engine.close()
+
+
+def test_an_aborted_pass_resyncs_the_ring(tiny_model_dir, reference):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(0, "bf16"))
+    engine.load()
+    engine.decoder_layer(0)
+    engine.decoder_layer_done(0)
+    engine.decoder_layer(1)  # pass abandoned mid-way (an exception, a cancel)
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    assert torch.equal(out.waveform, ref.waveform)
+    engine.close()
+
+
+# --- residency and lifecycle ----------------------------------------------------------------------
+
+def test_resident_bytes_accounting(tiny_model_dir):
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, "bf16"))
+    assert engine.resident_bytes == 0
+    engine.load()
+    full = engine.resident_bytes
+    per_layer = engine.native.nbytes
+    model = vv.model
+    non_layer = sum(
+        t.numel() * t.element_size()
+        for m in (model.model.language_model.norm, model.model.diffusion_head, model.model.audio_tower.decoder,
+                  model.model.semantic_tokenizer_encoder, model.model.multi_modal_projector, model.model.semantic_connector,
+                  model.model.language_model.embed_tokens, model.model.language_model.rotary_emb)
+        for t in (*m.parameters(), *m.buffers())
+    ) + 2 * 4
+    assert full == non_layer + LAYERS * per_layer
+    engine.set_resident_layers(1)
+    slots = engine.slot_bytes
+    assert slots == 2 * per_layer
+    assert engine.resident_bytes == non_layer + 1 * per_layer + slots
+    with engine.acoustic_encoder() as encoder:
+        enc = sum(t.numel() * t.element_size() for t in (*encoder.parameters(), *encoder.buffers()))
+        assert engine.resident_bytes == non_layer + 1 * per_layer + slots + enc
+    engine.unload()
+    assert engine.resident_bytes == 0
+    engine.close()
+
+
+def test_embed_on_host_is_not_resident(tiny_model_dir):
+    _, a = engine_for(tiny_model_dir, OffloadPlan(LAYERS, "bf16"))
+    _, b = engine_for(tiny_model_dir, OffloadPlan(LAYERS, "bf16", embed_on_host=True))
+    a.load(), b.load()
+    embed = a.model.model.language_model.embed_tokens.weight
+    assert a.resident_bytes - b.resident_bytes == embed.numel() * embed.element_size()
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_set_resident_layers_down_and_up(tiny_model_dir, reference, stream_dtype):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, stream_dtype))
+    engine.load()
+    outs = [vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform]
+    for n in (1, 3, 0, LAYERS):
+        engine.set_resident_layers(n)
+        assert engine.resident_layers == n and engine.loaded
+        out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+        assert engine.stats()["offload_streamed_layers"] == LAYERS - n
+        outs.append(out.waveform)
+    if stream_dtype == "bf16":
+        assert all(torch.equal(o, ref.waveform) for o in outs)
+    else:
+        # once streamed in fp8, a layer keeps its fp8-rounded weights: the last two runs agree
+        assert torch.equal(outs[-1], outs[-2]) or torch.allclose(outs[-1], outs[-2], atol=1e-6)
+    with pytest.raises(ValueError):
+        engine.set_resident_layers(LAYERS + 1)
+    engine.close()
+
+
+def test_unload_and_close_leave_nothing_behind(tiny_model_dir, reference):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, "bf16"))
+    engine.load()
+    engine.load()  # idempotent
+    assert engine.host_bytes == LAYERS * engine.native.nbytes
+    vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    engine.unload()
+    assert not engine.loaded and engine._ring is None and engine._copy_stream is None
+    assert not engine._resident_buffers and not engine._queue
+    assert engine.host_bytes == LAYERS * engine.native.nbytes  # slabs kept for a fast reload
+    again = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)  # reloads on demand
+    assert torch.equal(again.waveform, ref.waveform)
+    engine.close()
+    assert engine.host_bytes == 0 and not engine.loaded
+    gc.collect()
+    # the model is an ordinary model again: the resident executor gives the same audio
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model))
+    assert torch.equal(out.waveform, ref.waveform)
+
+
+def test_host_copy_is_not_duplicated(tiny_model_dir):
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, "bf16"))
+    engine.load()
+    slabs = [h.slab for h in engine._host]
+    for layer, slab in zip(vv.model.model.language_model.layers[1:], slabs[1:]):
+        base = slab.untyped_storage().data_ptr()
+        for p in layer.parameters():
+            assert p.untyped_storage().data_ptr() == base  # views into the slab, no second copy
+    engine.close()
+
+
+def test_fp8_streamed_layers_release_their_model_dtype_weights(tiny_model_dir):
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8"), dtype="bf16")
+    engine.load()
+    layer = vv.model.model.language_model.layers[3]
+    assert layer.mlp.up_proj.weight.is_meta
+    assert not layer.input_layernorm.weight.is_meta
+    assert engine._host[3].format == "fp8" and engine._host[0].format == "native"
+    assert engine._host[3].nbytes < 0.6 * engine._host[0].nbytes + 4096
+    engine.close()
+    assert not layer.mlp.up_proj.weight.is_meta
+
+
+# --- the KV cache -----------------------------------------------------------------------------------
+
+def test_preallocated_cache_matches_dynamic_cache(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    config = vv.model.config.text_config
+    ours, stock = PreallocatedCache(config, 16), DynamicCache(config=config)
+    g = torch.Generator().manual_seed(0)
+    for step, length in enumerate((5, 1, 1, 1)):
+        for layer in range(config.num_hidden_layers):
+            k = torch.randn(1, 2, length, 8, generator=g)
+            v = torch.randn(1, 2, length, 8, generator=g)
+            a, b = ours.update(k, v, layer), stock.update(k, v, layer)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if step == 2:
+            ours.crop(-1), stock.crop(-1)
+        assert ours.get_seq_length() == stock.get_seq_length()
+    buffers = [layer._k.data_ptr() for layer in ours.layers]
+    ours.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), 0)
+    assert [layer._k.data_ptr() for layer in ours.layers] == buffers  # written in place
+    assert ours.get_mask_sizes(1, 0) == stock.get_mask_sizes(1, 0) or ours.get_seq_length(1) == stock.get_seq_length(1)

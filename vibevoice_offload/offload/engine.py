@@ -1,0 +1,514 @@
+"""The layer offloader: an `Executor` that streams decoder layers through GPU slots.
+
+Decoder layers [0, R) stay resident on the device; layers [R, N) live in exact-size host
+slabs (pinned) and are copied, one slab per layer, into a fixed ring of S GPU slots on a
+dedicated copy stream. Ordering uses events only, never a host synchronisation:
+
+- copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
+  slot's "free" event, recorded on the compute stream after the slot's previous layer was
+  last used;
+- `decoder_layer(i)` makes the compute stream wait on slot's "copy done" event;
+- `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
+  the streamed layers, wrapping into the next pass: while the diffusion head and the
+  tokenizers of frame t run (and the resident layers 0..R-1 of frame t+1), the first
+  streamed layers of frame t+1 are already crossing the link.
+
+On a CPU device there are no streams: copies are synchronous, the bookkeeping is the same
+(CPU tests, and ComfyUI's --cpu mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan import OffloadPlan
+from .gpu_slots import SlotRing, run_ops, upload, upload_ops
+from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, unpack_layer
+from .kv_cache import PreallocatedCache
+
+log = logging.getLogger(__name__)
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Placement:
+    """Moves a module's parameters/buffers to the device and back, keeping the host tensors
+    (so unloading costs no copy and host RAM holds each weight once)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.params: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}  # id -> (param, host data)
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def place(self, module: nn.Module) -> None:
+        for sub in module.modules():
+            for param in sub._parameters.values():
+                if param is None or id(param) in self.params or param.device == self.device:
+                    continue
+                host = param.data
+                self.params[id(param)] = (param, host)
+                param.data = host.to(self.device)
+            for name, buf in list(sub._buffers.items()):
+                if buf is None or buf.device == self.device:
+                    continue
+                self.buffers.append((sub, name, buf))
+                sub._buffers[name] = buf.to(self.device)
+
+    def place_tensor(self, owner: nn.Module, name: str) -> None:
+        param = owner._parameters.get(name)
+        if param is not None and id(param) not in self.params and param.device != self.device:
+            self.params[id(param)] = (param, param.data)
+            param.data = param.data.to(self.device)
+
+    def release(self) -> None:
+        for param, host in self.params.values():
+            param.data = host
+        for module, name, host in self.buffers:
+            module._buffers[name] = host
+        self.params.clear()
+        self.buffers.clear()
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(p.numel() * p.element_size() for p, _ in self.params.values() if p.device == self.device)
+        total += sum(m._buffers[n].numel() * m._buffers[n].element_size() for m, n, _ in self.buffers)
+        return total
+
+
+class _EventPool:
+    """Reusable timing events: no event is created per copy in steady state."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.cuda.Event] = []
+
+    def get(self) -> torch.cuda.Event:
+        return self.free.pop() if self.free else torch.cuda.Event(enable_timing=True)
+
+    def put(self, *events: torch.cuda.Event) -> None:
+        self.free.extend(events)
+
+
+class OffloadEngine:
+    """Executes an `OffloadPlan` for one model on one device (implements `executor.Executor`).
+
+    Lifecycle: `load()` (idempotent) packs host slabs once and places the resident parts;
+    `unload()` frees every device buffer, stream and event (slabs are kept for a fast
+    reload); `close()` also frees the slabs and gives the model ordinary host tensors back;
+    `set_resident_layers(n)` changes residency between runs.
+    """
+
+    def __init__(self, model: nn.Module, plan: OffloadPlan, device: torch.device | str | None = None, *, timing: bool = True) -> None:
+        self.model = model
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.num_layers = len(self.layers)
+        plan.validate(self.num_layers)
+        self.plan = plan
+        device = torch.device(device) if device is not None else _default_device()
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._device = device
+        self.is_cuda = device.type == "cuda"
+        self.timing = timing and self.is_cuda
+        self.dtype = self.lm.norm.weight.dtype
+        if any(t.is_meta for t in self.layers[0].parameters()):
+            raise ValueError("decoder layer 0 has meta tensors: load the weights before building an OffloadEngine")
+        self.native = SlabLayout.build(self.layers[0], NATIVE)
+        for i, layer in enumerate(self.layers):
+            if not self.native.matches(layer):
+                raise ValueError(f"decoder layer {i} differs in structure from layer 0; all layers must be alike")
+        self.stream_layout = SlabLayout.build(self.layers[0], FP8) if plan.fp8 else self.native
+        self._host: list[HostLayer | None] = [None] * self.num_layers
+        self._resident_buffers: dict[int, torch.Tensor] = {}
+        self._placement = _Placement(device)
+        self._ring: SlotRing | None = None
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._queue: deque = deque()  # (layer index, slot) in issue order
+        self._next_pos = 0  # position in `_streamed` of the next copy
+        self._next_slot = 0
+        self._streamed: list[int] = []
+        self._loaded = False
+        self._events = _EventPool()
+        self._pending_copy: deque = deque()
+        self._pending_wait: deque = deque()
+        self._stats_consumed = False
+        self.reset_stats()
+
+    # --- Executor ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def resident_layers(self) -> int:
+        return self.plan.resident_layers
+
+    def decoder_layer(self, index: int) -> nn.Module:
+        if not self._loaded:
+            self.load()
+        if index < self.plan.resident_layers:
+            return self.layers[index]
+        if not self._queue or self._queue[0][0] != index:
+            self._resync(index)
+        layer, slot = self._queue[0]
+        if index == self._streamed[0]:
+            self._passes += 1
+        if self.is_cuda:
+            compute = torch.cuda.current_stream(self._device)
+            if self.timing:
+                e0, e1 = self._events.get(), self._events.get()
+                e0.record(compute)
+                compute.wait_event(slot.copy_done)
+                e1.record(compute)
+                self._pending_wait.append((e0, e1))
+            else:
+                compute.wait_event(slot.copy_done)
+        slot.module.self_attn.layer_idx = index
+        return slot.module
+
+    def decoder_layer_done(self, index: int) -> None:
+        if index < self.plan.resident_layers or not self._queue or self._queue[0][0] != index:
+            return
+        _, slot = self._queue.popleft()
+        if self.is_cuda:
+            slot.free.record(torch.cuda.current_stream(self._device))
+        self._issue()
+        if self.timing:
+            self._harvest(block=False)
+
+    @contextlib.contextmanager
+    def acoustic_encoder(self) -> Iterator[nn.Module]:
+        encoder = self.model.model.audio_tower.encoder
+        placement = _Placement(self._device)
+        placement.place(encoder)
+        self._encoder_placement = placement
+        try:
+            yield encoder
+        finally:
+            placement.release()  # stream-ordered frees: safe while its kernels are still queued
+            self._encoder_placement = None
+
+    def new_kv_cache(self, max_length: int) -> PreallocatedCache:
+        if self._stats_consumed:
+            self.reset_stats()
+        return PreallocatedCache(self.model.config.text_config, max_length)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _pack(self) -> None:
+        """Pack every decoder layer into its host slab (once): resident layers in the model's own
+        format, streamed ones in the stream format. Pinning only matters for a CUDA device."""
+        pinned = self.plan.pinned and self.is_cuda
+        if not self.plan.pinned and self.is_cuda:
+            log.warning("pinned=False: streaming from pageable host memory, several times slower than pinned")
+        for i, layer in enumerate(self.layers):
+            if self._host[i] is None:
+                layout = self.native if i < self.plan.resident_layers else self.stream_layout
+                self._host[i] = pack_layer(layer, layout, pinned)
+
+    def load(self) -> None:
+        """Pack host slabs (first time only), place the resident parts, build the slot ring. Idempotent."""
+        if self._loaded:
+            return
+        self._pack()
+        for module in self._resident_modules():
+            self._placement.place(module)
+        for name in ("latent_scaling_factor", "latent_bias_factor"):
+            self._placement.place_tensor(self.model.model, name)
+        for i in range(self.plan.resident_layers):
+            self._make_resident(i)
+        self._build_ring()
+        self._loaded = True
+        if self.is_cuda:
+            torch.cuda.synchronize(self._device)
+
+    def _make_resident(self, i: int) -> None:
+        host = self._host[i]
+        if self._device.type == "cpu" and host.format == NATIVE:
+            point_layer(self.layers[i], self.native, host.slab)  # already where it runs
+            return
+        buffer = torch.empty(self.native.nbytes, dtype=torch.uint8, device=self._device)
+        if host.format == NATIVE:
+            upload(host, buffer, None, None)
+        else:
+            staging = torch.empty(host.nbytes, dtype=torch.uint8, device=self._device)
+            staging.copy_(host.slab, non_blocking=True)
+            run_ops(upload_ops(self.native, host.layout, buffer, staging))
+            del staging  # stream-ordered free
+        point_layer(self.layers[i], self.native, buffer)
+        self._resident_buffers[i] = buffer
+
+    def _make_host(self, i: int) -> None:
+        """Drop layer i's device copy; the module points at its host slab again (meta for fp8)."""
+        self._resident_buffers.pop(i, None)
+        host = self._host[i]
+        if host.format == NATIVE:
+            point_layer(self.layers[i], self.native, host.slab)
+        else:
+            release_layer(self.layers[i], self.native)
+
+    def _build_ring(self) -> None:
+        self._streamed = list(range(self.plan.resident_layers, self.num_layers))
+        self._queue.clear()
+        self._next_pos = self._next_slot = 0
+        if not self._streamed:
+            return
+        depth = min(self.plan.prefetch_depth, len(self._streamed))
+        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._device)
+        if self.is_cuda:
+            self._copy_stream = torch.cuda.Stream(self._device)
+            for slot in self._ring.slots:
+                slot.copy_done = torch.cuda.Event()
+                slot.free = torch.cuda.Event()
+        self._resync(self._streamed[0])  # prime: the prompt pass's first streamed layers start copying now
+
+    def _drop_ring(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self._device)
+        if self._ring is not None:
+            self._ring.close()
+        self._ring = None
+        self._copy_stream = None
+        self._queue.clear()
+        self._pending_copy.clear()
+        self._pending_wait.clear()
+        self._events = _EventPool()
+
+    def unload(self) -> None:
+        """Free every device buffer, stream and event; weights stay in host memory (slabs kept)."""
+        if not self._loaded:
+            return
+        if self.timing:
+            self._harvest(block=True)
+        self._drop_ring()
+        for i in list(self._resident_buffers):
+            self._make_host(i)
+        self._placement.release()
+        self._loaded = False
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """unload(), then free the host slabs: the model gets ordinary pageable tensors back
+        (fp8-streamed layers come back dequantised, i.e. with fp8-rounded weights)."""
+        self.unload()
+        for i, host in enumerate(self._host):
+            if host is not None:
+                unpack_layer(self.layers[i], host, self.native)
+                self._host[i] = None
+        gc.collect()
+
+    def set_resident_layers(self, n: int) -> None:
+        """Keep `n` decoder layers on the device from the next run on (between runs only)."""
+        new_plan = dataclasses.replace(self.plan, resident_layers=n)
+        new_plan.validate(self.num_layers)
+        old = self.plan.resident_layers
+        if n == old:
+            return
+        if not self._loaded:
+            self.plan = new_plan
+            for i in range(min(old, n), max(old, n)):
+                self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
+            return
+        if self.timing:
+            self._harvest(block=True)
+        self._drop_ring()
+        if n < old:  # layers n..old-1 become streamed
+            for i in range(n, old):
+                self._make_host(i)
+                self._reformat_host(i, self.stream_layout.format)
+        self.plan = new_plan
+        for i in range(old, n):  # layers old..n-1 become resident (fp8 slabs dequantise on the device)
+            self._make_resident(i)
+        self._build_ring()
+        if self.is_cuda:
+            torch.cuda.synchronize(self._device)
+            torch.cuda.empty_cache()
+
+    def set_plan(self, plan: OffloadPlan) -> None:
+        """Adopt another plan with the same stream dtype (residency, depth, pinning of new slabs,
+        embed placement). Only while unloaded."""
+        if self._loaded:
+            raise RuntimeError("set_plan needs an unloaded engine: call unload() first")
+        if plan.stream_dtype != self.plan.stream_dtype:
+            raise ValueError("set_plan cannot change the stream dtype: close() this engine and build a new one")
+        plan.validate(self.num_layers)
+        self.set_resident_layers(plan.resident_layers)
+        self.plan = plan
+
+    def _reformat_host(self, i: int, fmt: str) -> None:
+        """A streamed layer's slab must be in the stream format: re-pack a native slab as fp8.
+        (A resident layer keeps whatever slab it has: an fp8 slab is dequantised on upload.)"""
+        host = self._host[i]
+        if host is None or fmt != FP8 or host.format == FP8:
+            return
+        layer = self.layers[i]
+        point_layer(layer, self.native, host.slab)
+        self._host[i] = pack_layer(layer, self.stream_layout, host.pinned)
+        del host
+
+    # --- the ring -----------------------------------------------------------------------------
+
+    def _resync(self, index: int) -> None:
+        """Restart the cyclic copy order at streamed layer `index` (first use, or an aborted pass).
+        Copies still in flight are harmless: the copy stream runs in order."""
+        self._queue.clear()
+        self._next_pos = self._streamed.index(index)
+        for _ in range(len(self._ring)):
+            self._issue()
+
+    def _issue(self) -> None:
+        ring = self._ring
+        layer = self._streamed[self._next_pos]
+        slot = ring.slots[self._next_slot]
+        self._next_pos = (self._next_pos + 1) % len(self._streamed)
+        self._next_slot = (self._next_slot + 1) % len(ring)
+        host = self._host[layer]
+        slot.layer = layer
+        if self.is_cuda:
+            stream = self._copy_stream
+            stream.wait_event(slot.free)
+            with torch.cuda.stream(stream):
+                dst = slot.staging if slot.staging is not None else slot.buffer
+                if self.timing:
+                    e0, e1 = self._events.get(), self._events.get()
+                    e0.record(stream)
+                    dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+                    e1.record(stream)
+                    self._pending_copy.append((e0, e1))
+                else:
+                    dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+                if slot.ops is not None:
+                    run_ops(slot.ops)
+                slot.copy_done.record(stream)
+        else:
+            ring.fill(slot, host)
+        self._copies += 1
+        self._bytes += host.nbytes
+        self._queue.append((layer, slot))
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        if self.timing:
+            self._harvest(block=True)
+        self._copies = 0
+        self._bytes = 0
+        self._copy_ms = 0.0
+        self._wait_ms = 0.0
+        self._passes = 0
+        self._stats_consumed = False
+
+    def _harvest(self, block: bool) -> None:
+        if block and self.is_cuda and (self._pending_copy or self._pending_wait):
+            torch.cuda.synchronize(self._device)
+        for pending, attr in ((self._pending_copy, "_copy_ms"), (self._pending_wait, "_wait_ms")):
+            while pending and (block or pending[0][1].query()):
+                e0, e1 = pending.popleft()
+                setattr(self, attr, getattr(self, attr) + e0.elapsed_time(e1))
+                self._events.put(e0, e1)
+
+    def stats(self) -> dict[str, Any]:
+        """Offload statistics since the run began (reset by the next run's first KV cache).
+        Synchronises the device: call it after a run, not inside one."""
+        if self.timing:
+            self._harvest(block=True)
+        self._stats_consumed = True
+        streamed = len(self._streamed) if self._loaded else self.num_layers - self.plan.resident_layers
+        out: dict[str, Any] = {
+            "offload_resident_layers": self.plan.resident_layers,
+            "offload_streamed_layers": streamed,
+            "offload_stream_dtype": self.plan.stream_dtype,
+            "offload_pinned": all(h is not None and h.pinned for h in self._host[self.plan.resident_layers:]),
+            "offload_copies": self._copies,
+            "offload_bytes_streamed": self._bytes,
+            "offload_passes": self._passes,
+            "offload_layers_per_pass": self._copies / self._passes if self._passes else 0.0,
+            "offload_resident_bytes": self.resident_bytes,
+            "offload_host_bytes": self.host_bytes,
+        }
+        if self.timing:
+            out["offload_copy_ms"] = self._copy_ms
+            out["offload_wait_ms"] = self._wait_ms
+            out["offload_link_gbps"] = self._bytes / (self._copy_ms * 1e6) if self._copy_ms > 0 else 0.0
+        return out
+
+    # Optional Executor hooks (a frame loop may call them around a run).
+    def begin_run(self) -> None:
+        self.reset_stats()
+
+    def run_stats(self) -> dict[str, Any]:
+        return self.stats()
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    def _resident_modules(self) -> list[nn.Module]:
+        core = self.model.model
+        modules = [
+            self.lm.norm, self.lm.rotary_emb, core.diffusion_head, core.audio_tower.decoder,
+            core.semantic_tokenizer_encoder, core.multi_modal_projector, core.semantic_connector,
+        ]
+        if not self.plan.embed_on_host:
+            modules.append(self.lm.embed_tokens)
+        return modules
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of weights on the device now: the resident modules and decoder layers, the slot
+        buffers (and the acoustic encoder while a prompt is encoded). Counted from the tensors'
+        own devices, so a CPU engine accounts the same way as a GPU one."""
+        if not self._loaded:
+            return 0
+        modules = self._resident_modules()
+        if getattr(self, "_encoder_placement", None) is not None:
+            modules.append(self.model.model.audio_tower.encoder)
+        seen: set[int] = set()
+        total = 0
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        tensors += [getattr(self.model.model, n) for n in ("latent_scaling_factor", "latent_bias_factor")]
+        for t in tensors:
+            if id(t) not in seen and t.device == self._device:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        total += self.plan.resident_layers * self.native.nbytes
+        if self._ring is not None:
+            total += self._ring.nbytes
+        return total
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._ring.nbytes if self._ring is not None else 0
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host slabs (the decoder layers' host copy)."""
+        return sum(h.nbytes for h in self._host if h is not None)
+
+    @property
+    def model_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            if id(t) not in seen and not t.is_meta:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
