@@ -79,8 +79,8 @@ class VibeVoiceGenerateDialog(io.ComfyNode):
                 io.Float.Input("max_seconds", default=300.0, min=0.0, max=7200.0, step=0.01, tooltip="Upper limit on generated audio in seconds (the model usually stops earlier by itself). 0: as many frames as the prompt has tokens. Longer limits reserve more VRAM for the KV cache."),
             ],
             outputs=[
-                io.Audio.Output("audio", tooltip="24 kHz mono speech."),
-                io.String.Output("stats", tooltip="Run statistics: speed, real-time factor, layers resident and streamed, VRAM used."),
+                io.Audio.Output("audio", display_name="audio", tooltip="24 kHz mono speech."),
+                io.String.Output("stats", display_name="stats", tooltip="Run statistics: speed, real-time factor, layers resident and streamed, VRAM used."),
             ],
             hidden=[io.Hidden.unique_id],
         )

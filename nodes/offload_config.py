@@ -26,7 +26,7 @@ class VibeVoiceOffloadConfig(io.ComfyNode):
                 io.Boolean.Input("pinned", default=True, tooltip="Stream from page-locked host memory (several times faster). Ignored with ComfyUI's --disable-pinned-memory or without a CUDA GPU."),
                 io.Float.Input("target_utilisation", default=0.9, min=0.1, max=1.0, step=0.01, tooltip="Used in mode auto: the share of ComfyUI's VRAM budget for weights that the plan may fill; the rest is headroom."),
             ],
-            outputs=[OffloadConfigType.Output("offload_config", tooltip="Connect to Load VibeVoice (Offloaded).")],
+            outputs=[OffloadConfigType.Output("offload_config", display_name="offload_config", tooltip="Connect to Load VibeVoice (Offloaded).")],
         )
 
     @classmethod

@@ -512,3 +512,22 @@ def fake_gpu(comfy, monkeypatch):
         if loaded not in before:
             mm.current_loaded_models.remove(loaded)
     fake.models.clear()
+
+
+def test_ui_workflow_is_the_api_workflow_with_positions():
+    """example_workflows/vibevoice_dialog.json (the frontend's format, for the template
+    browser and the browser tests) has the same nodes, links and values as the API one."""
+    api = json.loads(API_WORKFLOW.read_text())
+    ui = json.loads(UI_WORKFLOW.read_text())
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    assert {k: n["type"] for k, n in nodes.items()} == {k: v["class_type"] for k, v in api.items()}
+    ui_links = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        ui_links.add((str(src), src_slot, str(dst), nodes[str(dst)]["inputs"][dst_slot]["name"]))
+    api_links = {(v[0], v[1], dst, name) for dst, node in api.items() for name, v in node["inputs"].items() if isinstance(v, list)}
+    assert ui_links == api_links
+    for key, node in nodes.items():
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2
+        literals = [v for v in api[key]["inputs"].values() if not isinstance(v, list)]
+        values = [v for v in node["widgets_values"] if v not in (None, "", "randomize")]
+        assert values == literals, key
