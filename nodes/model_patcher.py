@@ -222,12 +222,19 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         ComfyUI's next budget sees it free)."""
         with self.lock:
             self.settings = settings
-            if self.engine is not None and self.engine_signature != self._signature():
-                log.info("VibeVoice: offload settings changed (%s): rebuilding the offload engine", settings.describe())
-                was_fp8 = self.engine_signature[0] == "fp8"
-                self._close_engine()
-                if was_fp8 and self._signature()[0] != "fp8" and not self.vibevoice.checkpoint.fp8_layers:
-                    self._reload_weights()
+            if self.engine is None or self.engine_signature == self._signature():
+                return
+            old, new = self.engine_signature, self._signature()
+            if old[0] == new[0] and old[2] == new[2] and hasattr(self.engine, "set_plan"):
+                # Only the prefetch depth changed: keep the host slabs, rebuild the ring on the next load.
+                self._unload()
+                self.engine.set_plan(self._plan(self.resident_layers()))
+                self.engine_signature = new
+                return
+            log.info("VibeVoice: offload settings changed (%s): rebuilding the offload engine", settings.describe())
+            self._close_engine()
+            if old[0] == "fp8" and new[0] != "fp8" and not self.vibevoice.checkpoint.fp8_layers:
+                self._reload_weights()
 
     def _reload_weights(self) -> None:
         """Read the weights from disk again: closing an fp8-streaming engine leaves its layers

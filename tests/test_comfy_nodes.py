@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import shutil
 import sys
 import time
 import uuid
@@ -26,7 +25,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from comfy_server import REPO_ROOT
 
@@ -44,6 +42,8 @@ LONG_SECONDS = 5.0  # 30,000 frames: minutes on a CPU, so a cancel lands mid-gen
 
 def write_voices(folder: Path) -> list[Path]:
     """Two small clips of different rates and channel counts (the tiny model's hop is 4 samples)."""
+    import soundfile as sf
+
     rng = np.random.default_rng(3)
     folder.mkdir(parents=True, exist_ok=True)
     one = folder / VOICE_FILES[0]
@@ -144,6 +144,8 @@ def test_workflow_produces_audio(server):
     entry = server.wait(server.queue(api_graph(seed=1)), timeout=300)
     assert_success(entry)
     (saved,) = entry["outputs"]["6"]["audio"]
+    import soundfile as sf
+
     path = server.output_dir / saved["subfolder"] / saved["filename"]
     audio, rate = sf.read(path)
     assert rate == 24000
@@ -235,18 +237,48 @@ def comfy(comfyui_dir):
     return SimpleNamespace(mm=mm, model_patcher=comfy.model_patcher, args=args)
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    """The pack imported the way ComfyUI imports a custom node folder: as a package."""
+def _import_pack():
+    """The repo as a package, the way ComfyUI imports a custom node folder."""
     if PACK not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    """The pack with its nodes package (which needs ComfyUI's comfy_api)."""
+    _import_pack()
+    nodes = sys.modules.get(f"{PACK}.nodes")
+    if nodes is not None and not hasattr(nodes, "comfy_entrypoint"):  # left bare by pack_core
+        spec = importlib.util.spec_from_file_location(f"{PACK}.nodes", REPO_ROOT / "nodes" / "__init__.py")
+        spec.loader.exec_module(nodes)
     return SimpleNamespace(
         mp=importlib.import_module(f"{PACK}.nodes.model_patcher"),
         nodes=importlib.import_module(f"{PACK}.nodes"),
         loader=importlib.import_module(f"{PACK}.nodes.loader"),
+        synthetic=importlib.import_module(f"{PACK}.vibevoice_offload.synthetic"),
+        pipeline=importlib.import_module(f"{PACK}.vibevoice_offload.pipeline"),
+        frame_loop=importlib.import_module(f"{PACK}.vibevoice_offload.frame_loop"),
+    )
+
+
+@pytest.fixture(scope="module")
+def pack_core(comfy):
+    """Only the model patcher (comfy.model_management and comfy.model_patcher, no comfy_api:
+    fewer dependencies, for the GPU machine)."""
+    import types
+
+    _import_pack()
+    name = f"{PACK}.nodes"
+    if name not in sys.modules:  # a bare package: nodes/__init__.py (the node classes) not run
+        bare = types.ModuleType(name)
+        bare.__path__ = [str(REPO_ROOT / "nodes")]
+        bare.__package__ = name
+        sys.modules[name] = bare
+    return SimpleNamespace(
+        mp=importlib.import_module(f"{name}.model_patcher"),
         synthetic=importlib.import_module(f"{PACK}.vibevoice_offload.synthetic"),
         pipeline=importlib.import_module(f"{PACK}.vibevoice_offload.pipeline"),
         frame_loop=importlib.import_module(f"{PACK}.vibevoice_offload.frame_loop"),
@@ -351,6 +383,10 @@ def test_manual_and_preset_configs_apply_at_run_time(pack, model_dirs, voices, c
     assert stats["resident_layers"] == 8 and stats["stream_dtype"] == "fp8"
     _, stats = patcher.generate(settings(pack, mode="manual", resident_layers=3), SCRIPT, voices, gen_settings(pack))
     assert stats["resident_layers"] == 3 and stats["stream_dtype"] == "bf16"
+    assert_counters_true(patcher)
+    engine = patcher.engine
+    _, stats = patcher.generate(settings(pack, mode="manual", resident_layers=3, prefetch_depth=3), SCRIPT, voices, gen_settings(pack))
+    assert patcher.engine is engine and engine.plan.prefetch_depth == stats["prefetch_depth"] == 3  # same slabs, new ring
     assert_counters_true(patcher)
 
 
@@ -531,3 +567,116 @@ def test_ui_workflow_is_the_api_workflow_with_positions():
         literals = [v for v in api[key]["inputs"].values() if not isinstance(v, list)]
         values = [v for v in node["widgets_values"] if v not in (None, "", "randomize")]
         assert values == literals, key
+
+
+# ---- on a real GPU: the same, measured in VRAM ------------------------------------------------------
+
+def _vram_report(name: str, rows: dict) -> None:
+    """GPU measurements as JSON in test-artifacts/ (and the test's output)."""
+    from comfy_server import ARTIFACTS_DIR
+
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    path = ARTIFACTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows, indent=2))
+
+
+@pytest.mark.gpu
+def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy, tmp_path):
+    """On a CUDA device, with ComfyUI's real free-memory readings: the counters equal the
+    VRAM the engine really holds (torch.cuda.memory_allocated deltas), another model's
+    load makes ours give up resident layers, a cancel returns VRAM to its pre-run level,
+    and the next run reclaims the layers."""
+    import torch
+
+    mm = comfy.mm
+    pk = pack_core
+    device = mm.get_torch_device()
+    assert device.type == "cuda"
+    allocated = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
+    tolerance = 2 * 2**20  # the caching allocator rounds each tensor up (512 B blocks)
+    rows: dict = {"device": torch.cuda.get_device_name(device)}
+
+    # 8 decoder layers of about 55 MB (bf16): big enough that the numbers mean something
+    model_dir = pk.synthetic.write_demo_checkpoint(tmp_path / "mid", hidden_size=1024, intermediate_size=8192, layers=8, heads=16, kv_heads=4)
+    vv = pk.pipeline.VibeVoice.load(model_dir, dtype="bf16")
+    patcher = pk.mp.VibeVoicePatcher(vv, device, torch.device("cpu"), key=(str(model_dir), "bf16"))
+    auto = pk.mp.OffloadSettings(target_utilisation=1.0)
+    g = torch.Generator().manual_seed(1)
+    voices = {1: (torch.randn(1, 1, 40, generator=g) * 0.1, 24000), 2: (torch.randn(1, 2, 30, generator=g) * 0.1, 16000)}
+    short = pk.frame_loop.GenerationSettings(steps=2, seed=1, max_frames=8)
+
+    # 1. load through ComfyUI: the counter is what really arrived in VRAM
+    torch.cuda.synchronize()
+    base = allocated()
+    patcher.configure(auto)
+    mm.load_models_gpu([patcher], memory_required=patcher.run_memory(100, [40, 20], 8))
+    loaded = patcher.loaded_size()
+    rows["load"] = {"counter": loaded, "allocated_delta": allocated() - base, "resident_layers": patcher.resident_layers()}
+    assert patcher.resident_layers() == 8
+    assert abs((allocated() - base) - loaded) <= tolerance
+    layer = patcher.engine.native.nbytes
+
+    # 2. a run, then a run cancelled at its third frame: VRAM back to the pre-run level
+    result, stats = patcher.generate(auto, SCRIPT, voices, short)
+    assert result.waveform.numel() == 8 * 4  # the synthetic model's hop is 4 samples
+    assert stats["pinned"]  # CUDA and no --disable-pinned-memory
+    torch.cuda.synchronize()
+    before_run = allocated()
+    torch.cuda.reset_peak_memory_stats(device)
+
+    def cancel_on_third(frame, total, chunk):
+        if frame == 3:
+            mm.interrupt_current_processing()
+        mm.throw_exception_if_processing_interrupted()
+
+    with pytest.raises(mm.InterruptProcessingException):
+        patcher.generate(auto, SCRIPT, voices, pk.frame_loop.GenerationSettings(steps=2, seed=2, max_frames=500), on_frame=cancel_on_third)
+    torch.cuda.synchronize()
+    rows["cancel"] = {"before_run": before_run, "peak_during_run": torch.cuda.max_memory_allocated(device), "after_cancel": allocated()}
+    assert torch.cuda.max_memory_allocated(device) > before_run  # the run did use VRAM...
+    assert abs(allocated() - before_run) <= tolerance  # ...and gave it all back
+    assert patcher.loaded_size() == loaded
+
+    # 3. leave ComfyUI just the inference reserve plus 1.5 layers free, then load another model
+    free = mm.get_free_memory(device)
+    ballast = torch.empty(int(free - mm.minimum_inference_memory() - 1.5 * layer), dtype=torch.uint8, device=device)
+    other = comfy.model_patcher.ModelPatcher(
+        torch.nn.Linear(1024, int(2.5 * layer) // 2048, bias=False, dtype=torch.bfloat16),  # 2.5 layers of bytes
+        load_device=device, offload_device=torch.device("cpu"))
+    before_other = allocated()
+    mm.load_models_gpu([other])
+    torch.cuda.synchronize()
+    given_up = loaded - patcher.loaded_size()
+    rows["evicted"] = {
+        "other_model_bytes": other.model_size(), "ours_counter": patcher.loaded_size(), "ours_given_up": given_up,
+        "resident_layers": patcher.resident_layers(), "allocated_delta": allocated() - before_other,
+    }
+    assert other.loaded_size() == other.model_size()
+    assert 0 < patcher.resident_layers() < 8
+    assert abs((allocated() - before_other) - (other.model_size() - given_up)) <= tolerance
+    assert mm.get_free_memory(device) >= mm.minimum_inference_memory()
+
+    # 4. a run while evicted streams the missing layers; the next run after ComfyUI drops
+    #    the other model reclaims them (the ballast stays: they fit again without it)
+    streamed, stats = patcher.generate(pk.mp.OffloadSettings(mode="manual", resident_layers=patcher.resident_layers()), SCRIPT, voices, short)
+    assert stats["engine"]["offload_streamed_layers"] > 0 and stats["engine"]["offload_pinned"]
+    rows["streamed_run"] = {k: v for k, v in stats["engine"].items() if isinstance(v, (int, float))}
+    assert torch.equal(streamed.waveform, result.waveform)  # bf16 streaming: the same audio
+    result2, stats = patcher.generate(auto, SCRIPT, voices, short)
+    torch.cuda.synchronize()
+    rows["reclaimed"] = {"ours_counter": patcher.loaded_size(), "resident_layers": patcher.resident_layers(), "other_loaded": other.loaded_size()}
+    assert patcher.resident_layers() == 8 and patcher.loaded_size() == loaded
+    assert other.loaded_size() == 0
+    assert torch.equal(result2.waveform, result.waveform)
+
+    # 5. /free's unload_all_models: nothing of ours is left in VRAM
+    del ballast
+    torch.cuda.synchronize()
+    before_free = allocated()
+    mm.unload_all_models()
+    torch.cuda.synchronize()
+    rows["unload_all"] = {"freed": before_free - allocated(), "counter_before": loaded, "counter_after": patcher.loaded_size()}
+    assert patcher.loaded_size() == 0
+    assert abs((before_free - allocated()) - loaded) <= tolerance
+    _vram_report("gpu-vram-eviction", rows)
