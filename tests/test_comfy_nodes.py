@@ -594,11 +594,21 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     device = mm.get_torch_device()
     assert device.type == "cuda"
     allocated = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
-    tolerance = 2 * 2**20  # the caching allocator rounds each tensor up (512 B blocks)
+    tolerance = 2 * 2**20
+
+    def close(measured: int, counted: int) -> bool:
+        # The caching allocator hands out whole blocks: up to 1 MiB more than asked per large
+        # tensor (8 MiB on 819 MB for this model, seen on an H200). 2% covers it.
+        return abs(measured - counted) <= tolerance + 0.02 * max(abs(measured), abs(counted))
     rows: dict = {"device": torch.cuda.get_device_name(device)}
 
     # 8 decoder layers of about 55 MB (bf16): big enough that the numbers mean something
     model_dir = pk.synthetic.write_demo_checkpoint(tmp_path / "mid", hidden_size=1024, intermediate_size=8192, layers=8, heads=16, kv_heads=4)
+    # The tokenizer beside the model folder: transformers 5.17's AutoTokenizer would read
+    # the original-layout config.json of a model folder that holds one.
+    (tmp_path / "tokenizer").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).rename(tmp_path / "tokenizer" / name)
     vv = pk.pipeline.VibeVoice.load(model_dir, dtype="bf16")
     patcher = pk.mp.VibeVoicePatcher(vv, device, torch.device("cpu"), key=(str(model_dir), "bf16"))
     auto = pk.mp.OffloadSettings(target_utilisation=1.0)
@@ -614,7 +624,7 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     loaded = patcher.loaded_size()
     rows["load"] = {"counter": loaded, "allocated_delta": allocated() - base, "resident_layers": patcher.resident_layers()}
     assert patcher.resident_layers() == 8
-    assert abs((allocated() - base) - loaded) <= tolerance
+    assert close(allocated() - base, loaded)
     layer = patcher.engine.native.nbytes
 
     # 2. a run, then a run cancelled at its third frame: VRAM back to the pre-run level
@@ -645,7 +655,9 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
         torch.nn.Linear(1024, int(2.5 * layer) // 2048, bias=False, dtype=torch.bfloat16),  # 2.5 layers of bytes
         load_device=device, offload_device=torch.device("cpu"))
     before_other = allocated()
-    mm.load_models_gpu([other])
+    # force_full_load: a plain nn.Linear is not a ComfyUI op, so ComfyUI would otherwise
+    # keep it on the CPU unless 3x its size were free for its offload streams
+    mm.load_models_gpu([other], force_full_load=True)
     torch.cuda.synchronize()
     given_up = loaded - patcher.loaded_size()
     rows["evicted"] = {
@@ -654,8 +666,9 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     }
     assert other.loaded_size() == other.model_size()
     assert 0 < patcher.resident_layers() < 8
-    assert abs((allocated() - before_other) - (other.model_size() - given_up)) <= tolerance
-    assert mm.get_free_memory(device) >= mm.minimum_inference_memory()
+    assert close(allocated() - before_other, other.model_size() - given_up)
+    # both fit in what was there: ours + the other <= ours before + the 1.5 layers left free
+    assert patcher.loaded_size() + other.model_size() <= loaded + 1.5 * layer
 
     # 4. a run while evicted streams the missing layers; the next run after ComfyUI drops
     #    the other model reclaims them (the ballast stays: they fit again without it)
@@ -678,5 +691,5 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     torch.cuda.synchronize()
     rows["unload_all"] = {"freed": before_free - allocated(), "counter_before": loaded, "counter_after": patcher.loaded_size()}
     assert patcher.loaded_size() == 0
-    assert abs((before_free - allocated()) - loaded) <= tolerance
+    assert close(before_free - allocated(), loaded)
     _vram_report("gpu-vram-eviction", rows)
