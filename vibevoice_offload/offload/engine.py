@@ -6,7 +6,8 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
   slot's "free" event, recorded on the compute stream after the slot's previous layer was
-  last used;
+  last used (fp8: after it was dequantised into the compute buffer, so an fp8 ring of S
+  half-size staging slots runs S layers ahead);
 - `decoder_layer(i)` makes the compute stream wait on slot's "copy done" event;
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
   the streamed layers, wrapping into the next pass: while the diffusion head and the
@@ -181,6 +182,12 @@ class OffloadEngine:
                 self._pending_wait.append((e0, e1))
             else:
                 compute.wait_event(slot.copy_done)
+        if slot.ops is not None:
+            # fp8: dequantise the staged layer into the shared compute buffer, in stream order
+            # after the previous layer's kernels; the staging slot is free once this has run.
+            run_ops(slot.ops)
+            if self.is_cuda:
+                slot.free.record(compute)
         slot.module.self_attn.layer_idx = index
         return slot.module
 
@@ -188,7 +195,7 @@ class OffloadEngine:
         if index < self.plan.resident_layers or not self._queue or self._queue[0][0] != index:
             return
         _, slot = self._queue.popleft()
-        if self.is_cuda:
+        if self.is_cuda and slot.ops is None:
             slot.free.record(torch.cuda.current_stream(self._device))
         self._issue()
         if self.timing:
@@ -196,6 +203,8 @@ class OffloadEngine:
 
     @contextlib.contextmanager
     def acoustic_encoder(self) -> Iterator[nn.Module]:
+        if not self._loaded:
+            self.load()  # the connectors run right after the encoder
         encoder = self.model.model.audio_tower.encoder
         placement = _Placement(self._device)
         placement.place(encoder)
@@ -207,6 +216,8 @@ class OffloadEngine:
             self._encoder_placement = None
 
     def new_kv_cache(self, max_length: int) -> PreallocatedCache:
+        if not self._loaded:
+            self.load()
         if self._stats_consumed:
             self.reset_stats()
         return PreallocatedCache(self.model.config.text_config, max_length)
@@ -397,8 +408,6 @@ class OffloadEngine:
                     self._pending_copy.append((e0, e1))
                 else:
                     dst[: host.nbytes].copy_(host.slab, non_blocking=True)
-                if slot.ops is not None:
-                    run_ops(slot.ops)
                 slot.copy_done.record(stream)
         else:
             ring.fill(slot, host)

@@ -6,10 +6,10 @@ decoder-layer module built once from the model's own layer structure whose param
 are views into that buffer. Running streamed layer i means: its slab was copied into the
 slot, set `slot.module.self_attn.layer_idx = i` (the KV cache index), call the module.
 
-For fp8 streaming a slot also owns an fp8 staging buffer (the layer's fp8 slab bytes):
-the H2D copy lands there and the weights are dequantised on the GPU into the slot's
-model-dtype views (`out.copy_(q); out.mul_(scale[:, None])`: two in-place kernels per
-linear, no temporary allocation), on the copy stream right after the copy.
+For fp8 streaming a slot is an fp8 staging buffer (the layer's fp8 slab bytes): the H2D
+copy lands there and the weights are dequantised on the GPU into one shared model-dtype
+compute buffer (`out.copy_(q); out.mul_(scale[:, None])`: two in-place kernels per
+linear, no temporary allocation), on the compute stream just before the layer runs.
 
 Nothing here allocates after construction.
 """
@@ -47,9 +47,6 @@ class Slot:
     free: object | None = None  # event recorded on the compute stream when `layer` was last used
     timing: list = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() + (self.staging.numel() if self.staging is not None else 0)
 
 
 def upload_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list:
@@ -81,31 +78,54 @@ def upload(host: HostLayer, dst: torch.Tensor, staging: torch.Tensor | None, ops
 
 
 class SlotRing:
-    """`depth` slots on `device`, each with a slot module pointing into its buffer."""
+    """`depth` slots on `device` that host slabs are copied into.
+
+    bf16 (NATIVE) streaming: each slot is a compute slot with its own slot module; the layer
+    runs straight from the slot it was copied into.
+
+    fp8 streaming: each slot is only an fp8 staging buffer (half a layer), and ONE shared
+    compute buffer + module holds the dequantised layer. The dequantisation is enqueued on
+    the compute stream right before the layer runs (an in-order stream needs one compute
+    buffer), so the copy stream never waits for compute to free a model-dtype slot: the
+    ring can run `depth` layers ahead for half the bytes per slot.
+    """
 
     def __init__(self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, device: torch.device) -> None:
         if depth < 1:
             raise ValueError("a slot ring needs at least one slot")
         self.native, self.stream_layout, self.device = native, stream, device
+        self.staged = stream.format == FP8
         self.slots: list[Slot] = []
+        self.compute: torch.Tensor | None = None
+        self.compute_module: nn.Module | None = None
+        if self.staged:
+            self.compute = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
+            self.compute_module = make_shell(template)
+            point_layer(self.compute_module, native, self.compute)
         for i in range(depth):
-            buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-            staging = torch.empty(stream.nbytes, dtype=torch.uint8, device=device) if stream.format == FP8 else None
-            module = make_shell(template)
-            point_layer(module, native, buffer)
-            ops = upload_ops(native, stream, buffer, staging) if staging is not None else None
-            self.slots.append(Slot(i, buffer, staging, module, ops))
+            if self.staged:
+                staging = torch.empty(stream.nbytes, dtype=torch.uint8, device=device)
+                ops = upload_ops(native, stream, self.compute, staging)
+                self.slots.append(Slot(i, self.compute, staging, self.compute_module, ops))
+            else:
+                buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
+                module = make_shell(template)
+                point_layer(module, native, buffer)
+                self.slots.append(Slot(i, buffer, None, module, None))
 
     def __len__(self) -> int:
         return len(self.slots)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.slots)
+        if self.staged:
+            return self.compute.numel() + sum(s.staging.numel() for s in self.slots)
+        return sum(s.buffer.numel() for s in self.slots)
 
     def fill(self, slot: Slot, host: HostLayer) -> None:
-        """Enqueue `host`'s weights into `slot` on the current stream."""
-        upload(host, slot.buffer, slot.staging, slot.ops)
+        """Enqueue the H2D copy of `host` into `slot` (fp8: into its staging buffer only)."""
+        dst = slot.staging if slot.staging is not None else slot.buffer
+        dst[: host.nbytes].copy_(host.slab, non_blocking=True)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -113,3 +133,4 @@ class SlotRing:
             slot.ops = []
             slot.copy_done = slot.free = None
         self.slots.clear()
+        self.compute = self.compute_module = None

@@ -1,0 +1,738 @@
+#!/usr/bin/env python
+"""Layer-offload benchmark: this project against every peer, same prompt, same card, same run.
+
+    python bench/offload_bench.py [--quick] [--out DIR]
+
+Random bf16 weights at the real shapes of VibeVoice-1.5B and -Large (configs in
+vibevoice_offload/configs/), built in host memory from GPU-drawn random numbers (no
+checkpoint is written). Prompt: 2 speakers x 5 s of voice, about 60 characters of script
+(character-level tokenizer); 10 diffusion steps; cfg 1.3. The weights are edited so the
+speech-frame token always wins (every step is a real frame: LLM, diffusion head,
+acoustic decoder, semantic encoder).
+
+Budgets are emulated with `torch.cuda.set_per_process_memory_fraction` and, for this
+project, the planner's plan for that budget (`plan_auto`, embed_tokens on the host). The
+peers get the same decoder layers resident as our bf16 plan at that budget.
+
+Writes <out>/<card>-<yyyymmdd>.json (rows, card, measured pinned H2D bandwidth), a PNG
+plot next to it, and a log. Each row is written as soon as its case ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+GB = 1e9
+FRAME_MS = 3200 / 24000 * 1000  # 133.3 ms of audio per frame
+SCRIPT = "Speaker 1: Hello, how are you today?\nSpeaker 2: Fine, thank you!"
+BUDGETS = {"Large": [None, 12, 8, 6], "1.5B": [None, 4, 3]}
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak resident host memory over a case, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RssPeak":
+        self.peak = rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def empty_host_cache() -> None:
+    """Give PyTorch's cached pinned blocks back (pin_memory() and pinned empties are cached)."""
+    try:
+        torch._C._host_emptyCache()
+    except Exception:  # noqa: BLE001 - older torch
+        pass
+
+
+def warm_libraries() -> None:
+    """Load cuBLAS, cuDNN and the attention kernels before host RAM is baselined."""
+    x = torch.randn(2, 8, 16, 64, device="cuda", dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    torch.nn.functional.conv1d(torch.randn(1, 4, 32, device="cuda"), torch.randn(4, 4, 3, device="cuda"))
+    torch.randn(64, 64, device="cuda") @ torch.randn(64, 64, device="cuda")
+    torch.cuda.synchronize()
+
+
+def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Pinned host -> device bandwidth, median of `repeats` copies of `nbytes`."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dev.copy_(host, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del host, dev
+    torch.cuda.empty_cache()
+    empty_host_cache()
+    return nbytes / (statistics.median(times[1:]) * 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model at real shapes, random weights, always speaking
+# ---------------------------------------------------------------------------------------------
+
+def build_model(config, seed: int = 0):
+    """VibeVoice at `config`'s shapes in host memory, bf16, random weights drawn on the GPU."""
+    from transformers import VibeVoiceForConditionalGeneration
+
+    from vibevoice_offload.checkpoint import _materialise_computed_buffers
+
+    with torch.device("meta"):
+        model = VibeVoiceForConditionalGeneration(config)
+    model.eval()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for name, module in model.named_modules():
+        for attr, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            full = f"{name}.{attr}"
+            if "norm" in full and attr == "weight" or full.endswith("act.weight") or "gamma" in attr or "scaling_factor" in full:
+                host = torch.ones(p.shape, dtype=torch.bfloat16)
+            elif "bias_factor" in full:
+                host = torch.zeros(p.shape, dtype=torch.bfloat16)
+            else:
+                fan_in = max(p.numel() // max(p.shape[0], 1), 1) if p.dim() > 1 else 0
+                std = 1.0 / math.sqrt(fan_in) if fan_in else 0.02
+                if "embed_tokens" in full or "lm_head" in full:
+                    std = 0.02
+                host = (torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.bfloat16) * std).cpu()
+            module._parameters[attr] = nn.Parameter(host, requires_grad=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    _materialise_computed_buffers(model)
+    speak(model)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return model
+
+
+def speak(model) -> None:
+    """Hidden channel 0 carries a constant no decoder layer writes; only the speech-frame row of
+    the (4-row) head reads it strongly, so every step is a frame (as synthetic.make_speaking, also
+    for a tied head)."""
+    cfg = model.config
+    lm = model.model.language_model
+    allowed = [cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id]
+    with torch.no_grad():
+        lm.embed_tokens.weight[:, 0] = 1.0
+        for projector in (model.model.multi_modal_projector, model.model.semantic_connector):
+            projector.linear_2.weight[0, :] = 0.0
+            projector.linear_2.bias[0] = 0.5
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        lm.norm.weight[0] = 1.0
+        head = model.lm_head.weight
+        for token in allowed:
+            head[token].zero_()
+            head[token, 0] = 1.0
+        head[cfg.audio_token_id, 0] = 4.0
+
+
+def make_prompt(config):
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+
+    from vibevoice_offload.prompt import build_prompt
+    from vibevoice_offload.synthetic import write_tokenizer
+
+    tok_dir = write_tokenizer(Path(tempfile.mkdtemp()) / "tok")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    g = torch.Generator().manual_seed(7)
+    voices = {1: (torch.randn(1, 5 * 24000, generator=g) * 0.1, 24000), 2: (torch.randn(1, 5 * 24000, generator=g) * 0.1, 24000)}
+    return build_prompt(tokenizer, config, SCRIPT, voices)
+
+
+# ---------------------------------------------------------------------------------------------
+# running one generation and timing its frames
+# ---------------------------------------------------------------------------------------------
+
+def timed_run(loop, prompt, frames: int, steps: int = 10, cfg: float = 1.3, skip: int = 3) -> dict:
+    from vibevoice_offload.frame_loop import GenerationSettings
+
+    stamps: list[float] = []
+
+    def on_frame(i, cap, chunk):
+        stamps.append(time.perf_counter())
+
+    result = loop.run(prompt, GenerationSettings(cfg=cfg, steps=steps, seed=1, max_frames=frames), on_frame)
+    deltas = [b - a for a, b in zip(stamps, stamps[1:])]
+    body = deltas[skip:] if len(deltas) > skip + 2 else deltas
+    ms = statistics.median(body) * 1000 if body else float("nan")
+    return {"ms_per_frame": ms, "frames": result.stats["frames"], "tokens": result.stats["tokens"],
+            "prefill_ms": result.stats["prefill_ms"], "mean_ms_per_frame": result.stats["ms_per_frame"]}
+
+
+class PeerExecutor:
+    """What the peers run under: weights where their hooks put them; the acoustic encoder is
+    moved to the GPU for the prompt only (as ours does), DynamicCache as stock."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._device = torch.device("cuda", torch.cuda.current_device())
+
+    @property
+    def device(self):
+        return self._device
+
+    def decoder_layer(self, index):
+        return self.model.model.language_model.layers[index]
+
+    def decoder_layer_done(self, index):
+        pass
+
+    def acoustic_encoder(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            enc = self.model.model.audio_tower.encoder
+            enc.to(self._device)
+            try:
+                yield enc
+            finally:
+                enc.to("cpu")
+
+        return ctx()
+
+    def new_kv_cache(self, max_length):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.text_config)
+
+
+def place_for_peer(model, resident_layers: int) -> list[int]:
+    """Everything ours keeps resident goes to the GPU; embed_tokens and lm_head stay on the host.
+    Returns the indices of the decoder layers left to the peer's offloading."""
+    core = model.model
+    lm = core.language_model
+    for module in (lm.norm, lm.rotary_emb, core.diffusion_head, core.audio_tower.decoder,
+                   core.semantic_tokenizer_encoder, core.multi_modal_projector, core.semantic_connector):
+        module.to("cuda")
+    core.latent_scaling_factor.data = core.latent_scaling_factor.data.cuda()
+    core.latent_bias_factor.data = core.latent_bias_factor.data.cuda()
+    for i in range(resident_layers):
+        lm.layers[i].to("cuda")
+    return list(range(resident_layers, len(lm.layers)))
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the ring depth for a budget
+# ---------------------------------------------------------------------------------------------
+
+def simulate_frame_ms(n: int, resident: int, depth: int, t_layer: float, t_other: float, copy_ms: float, staged: bool, frames: int = 6) -> float:
+    """Steady-state frame time of the ring, by a small event simulation: layers 0..n-1 (the
+    last n-resident streamed), each t_layer of compute, then t_other (diffusion head,
+    tokenizers); copies of copy_ms run in order on one copy engine, copy j into slot j % depth
+    once copy j - depth's slot is free (fp8: when that layer starts, its dequantisation frees
+    the staging slot; bf16: when it ends)."""
+    k = n - resident
+    if k == 0:
+        return n * t_layer + t_other
+    depth = min(depth, k)
+    copy_free = 0.0
+    slot_free = [0.0] * depth
+    done: list[float] = []  # completion time of copy j
+    issued = 0
+    t = 0.0
+    starts = []
+    for _ in range(frames):
+        starts.append(t)
+        for layer in range(n):
+            if layer >= resident:
+                # issue copies up to `depth` ahead of the layer being computed
+                while issued < (len(starts) - 1) * k + (layer - resident) + depth:
+                    s = issued % depth
+                    begin = max(copy_free, slot_free[s])
+                    copy_free = begin + copy_ms
+                    done.append(copy_free)
+                    issued += 1
+                j = (len(starts) - 1) * k + (layer - resident)
+                start = max(t, done[j])
+                slot = j % depth
+                t = start + t_layer
+                slot_free[slot] = start if staged else t
+            else:
+                t += t_layer
+        t += t_other
+    return (t - starts[2]) / (frames - 2)
+
+
+def choose_plan(config, budget_gb: float, dtype: str, workload, t_res: float, t_layer: float, link_gbps: float):
+    """The (resident layers, ring depth) that fits the budget with the lowest simulated frame
+    time. VRAM from the planner's estimate with the ring replaced by the engine's real ring
+    (bf16: depth x layer; fp8: depth x fp8 layer + one model-dtype compute buffer)."""
+    from vibevoice_offload.plan import OffloadPlan
+    from vibevoice_offload.planner import estimate, model_sizes
+
+    sizes = model_sizes(config)
+    n = config.text_config.num_hidden_layers
+    w_native, w_stream = sizes.layers[0], sizes.stream_bytes(0, dtype)
+    copy_ms = w_stream / (link_gbps * GB) * 1000
+    t_other = max(t_res - n * t_layer, 0.0)
+    best = None
+    for depth in range(2, n + 1):
+        for resident in range(n, -1, -1):
+            plan = OffloadPlan(resident, dtype, depth, True, True)
+            est = estimate(config, plan, voice_samples=workload.voice_samples, max_frames=workload.max_frames, text_tokens=workload.text_tokens)
+            k = n - resident
+            ring = 0 if k == 0 else (min(depth, k) * w_native if dtype == "bf16" else min(depth, k) * w_stream + w_native)
+            need = est.total_vram - est.slots * 1.05 + ring * 1.05
+            if need <= budget_gb * GB:
+                break
+        else:
+            continue
+        if n - resident < depth and depth > 2:
+            continue
+        predicted = simulate_frame_ms(n, resident, depth, t_layer, t_other, copy_ms, dtype == "fp8")
+        if best is None or predicted < best[0] - 0.5:
+            best = (predicted, plan)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.card = torch.cuda.get_device_name()
+        self.total_vram = torch.cuda.get_device_properties(0).total_memory
+        self.date = datetime.date.today().strftime("%Y%m%d")
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.card).strip("-")
+        self.json_path = self.out / f"{slug}-{self.date}.json"
+        self.rows: list[dict] = []
+        warm_libraries()
+        self.link = measure_h2d_gbps()
+        gc.collect()
+        self.base_rss = rss_bytes()
+        log(f"card {self.card}; pinned H2D {self.link:.1f} GB/s; torch {torch.__version__}")
+        self.t_resident: dict[str, float] = {}
+        self.extra: dict = {}
+
+    def write(self) -> None:
+        doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.link, "torch": torch.__version__,
+               "frames": self.args.frames, "peer_frames": self.args.peer_frames, "slow_frames": self.args.slow_frames,
+               "t_resident_ms": self.t_resident, "extra": self.extra, "rows": self.rows}
+        self.json_path.write_text(json.dumps(doc, indent=1, default=str))
+
+    def case(self, model_name, method, stream_dtype, budget_gb, fn, *, k=0, layer_bytes=0, m=1, model_bytes=0):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fraction = min(1.0, budget_gb * GB / self.total_vram) if budget_gb else 1.0
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        row = {"model": model_name, "method": method, "stream_dtype": stream_dtype, "budget_gb": budget_gb or "full"}
+        start = time.perf_counter()
+        try:
+            with RssPeak() as peak:
+                res = fn()
+            row.update(res)
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is a result too
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            log(traceback.format_exc(limit=3))
+            peak = None
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        k = row.pop("k", k)
+        row["streamed_layers"] = k
+        row["crossings_per_frame"] = m
+        row["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
+        row["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        row["host_ram_gb"] = (peak.peak / GB) if peak else None
+        row["host_ram_over_base_gb"] = ((peak.peak - self.base_rss) / GB) if peak else None
+        row["model_gb"] = model_bytes / GB
+        if peak and model_bytes and getattr(self, "rss_before_model", None):
+            row["host_ram_vs_model"] = (peak.peak - self.rss_before_model) / model_bytes
+        ms = row.get("ms_per_frame")
+        row["rtf"] = ms / FRAME_MS if ms else None
+        t_res = self.t_resident.get(model_name)
+        transfer_ms = m * k * layer_bytes / (self.link * GB) * 1000
+        row["transfer_ms"] = transfer_ms
+        row["bound_ms"] = max(transfer_ms, t_res or 0.0)
+        row["vs_bound"] = (ms / row["bound_ms"]) if ms and row["bound_ms"] else None
+        if "link_gbps" not in row:
+            row["link_gbps"] = (m * k * layer_bytes / (ms * 1e6)) if ms and k else None
+        row["effective_gbps"] = (m * k * layer_bytes / (ms * 1e6)) if ms and k else None
+        self.rows.append(row)
+        self.write()
+        brief = {k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()
+                 if k2 in ("model", "method", "stream_dtype", "budget_gb", "streamed_layers", "ms_per_frame", "rtf", "bound_ms",
+                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "wait_ms_per_frame", "prefetch_depth", "resident_layers", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
+        log("ROW", json.dumps(brief))
+        return row
+
+    # -- this project --------------------------------------------------------------------------
+    def ours(self, size, config, prompt) -> dict[int, int]:
+        from vibevoice_offload.frame_loop import FrameLoop
+        from vibevoice_offload.offload import OffloadEngine
+        from vibevoice_offload.plan import OffloadPlan
+        from vibevoice_offload.planner import PlanError, Workload, plan_auto
+
+        n = config.text_config.num_hidden_layers
+        from vibevoice_offload.planner import PROMPT_FIXED_TOKENS, PROMPT_TOKENS_PER_SPEAKER
+
+        voice_frames = 2 * math.ceil(5 * 24000 / 3200)
+        text_tokens = prompt.length - voice_frames - PROMPT_FIXED_TOKENS - 2 * PROMPT_TOKENS_PER_SPEAKER
+        workload = Workload(voice_samples=(5 * 24000, 5 * 24000), max_frames=self.args.frames + 2, text_tokens=text_tokens)
+        resident_for_budget: dict[int, int] = {}
+        gc.collect()
+        empty_host_cache()
+        self.rss_before_model = rss_bytes()
+        model = build_model(config)
+        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        for dtype in self.args.dtypes:
+            engine = None
+            for budget in BUDGETS[size]:
+                if budget is None and dtype != "bf16":
+                    continue  # full budget streams nothing: one row
+                predicted = None
+                if budget is None:
+                    plan = OffloadPlan(n, dtype)
+                else:
+                    if dtype == "bf16":
+                        try:  # the peers get the default plan's residency (depth 2: room for their onload buffers)
+                            resident_for_budget[budget] = plan_auto(config, int(budget * GB), stream_dtype="bf16", embed_on_host=True, workload=workload).resident_layers
+                        except PlanError:
+                            resident_for_budget[budget] = 0
+                    t_res = self.t_resident.get(size)
+                    t_layer = self.extra.get(f"breakdown_{size}_resident", {}).get("decoder_pass", 0.0) / n
+                    chosen = choose_plan(config, budget, dtype, workload, t_res or 100.0, t_layer or 1.5, self.link) if self.args.deep else None
+                    if chosen is not None:
+                        predicted, plan = chosen
+                    else:
+                        try:
+                            plan = plan_auto(config, int(budget * GB), stream_dtype=dtype, embed_on_host=True, workload=workload)
+                        except PlanError as exc:
+                            self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
+                            self.write()
+                            log("ROW", size, "ours", dtype, budget, "PlanError", exc)
+                            continue
+                if engine is None:
+                    engine = OffloadEngine(model, plan, "cuda")
+                else:
+                    engine.unload()
+                    engine.set_plan(plan)
+                layer_bytes = engine.stream_layout.nbytes
+
+                def run(engine=engine):
+                    engine.load()
+                    res = timed_run(FrameLoop(model, engine), prompt, self.args.frames)
+                    stats = engine.stats()
+                    res["link_gbps"] = stats.get("offload_link_gbps") or None
+                    res["copy_ms_per_frame"] = stats.get("offload_copy_ms", 0) / max(stats["offload_passes"], 1)
+                    res["wait_ms_per_frame"] = stats.get("offload_wait_ms", 0) / max(stats["offload_passes"], 1)
+                    res["layers_per_pass"] = stats["offload_layers_per_pass"]
+                    res["resident_layers"] = plan.resident_layers
+                    res["prefetch_depth"] = plan.prefetch_depth
+                    res["predicted_ms"] = predicted
+                    res["resident_bytes_gb"] = stats["offload_resident_bytes"] / GB
+                    res["host_slab_gb"] = stats["offload_host_bytes"] / GB
+                    res["pinned"] = stats["offload_pinned"]
+                    return res
+
+                row = self.case(size, "ours", dtype, budget, run, k=n - plan.resident_layers, layer_bytes=layer_bytes, m=1, model_bytes=model_bytes)
+                if budget is None and row.get("ms_per_frame"):
+                    self.t_resident[size] = row["ms_per_frame"]
+                    row["bound_ms"] = row["ms_per_frame"]
+                    row["vs_bound"] = 1.0
+                    if self.args.breakdown:
+                        self.breakdown(size, model, engine, prompt)
+                    self.write()
+            if engine is not None:
+                engine.close()
+        del model
+        gc.collect()
+        return resident_for_budget
+
+    def breakdown(self, size, model, engine, prompt) -> None:
+        """Where a fully resident frame's time goes: synchronised timers around each stage, then
+        a short torch.profiler trace (kernel launches per frame, top host-side ops)."""
+        from vibevoice_offload.frame_loop import FrameLoop
+
+        loop = FrameLoop(model, engine)
+        spent: dict[str, float] = {}
+
+        def timed(name, fn):
+            def wrapper(*a, **kw):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = fn(*a, **kw)
+                torch.cuda.synchronize()
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+                return out
+            return wrapper
+
+        core = model.model
+        loop._decoder_pass = timed("decoder_pass", loop._decoder_pass)
+        loop._sample_latent = timed("diffusion_head_10_steps", loop._sample_latent)
+        dec_fwd, sem_fwd = core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
+        core.audio_tower.decoder.forward = timed("acoustic_decoder", dec_fwd)
+        core.semantic_tokenizer_encoder.forward = timed("semantic_encoder", sem_fwd)
+        frames = 20
+        try:
+            res = timed_run(loop, prompt, frames)
+        finally:
+            del core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
+        per_frame = {k: v * 1000 / frames for k, v in spent.items()}
+        per_frame["frame_synchronised_ms"] = res["ms_per_frame"]
+        # profiler: 5 frames
+        from torch.profiler import ProfilerActivity, profile
+
+        loop2 = FrameLoop(model, engine)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_run(loop2, prompt, 6, skip=0)
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+        per_frame["kernel_launches_per_frame"] = launches / 7
+        per_frame["gpu_busy_ms_per_frame"] = gpu_us / 1000 / 7
+        table = events.table(sort_by="self_cpu_time_total", row_limit=18)
+        (self.out / f"profile-{size}.txt").write_text(table)
+        self.extra[f"breakdown_{size}_resident"] = per_frame
+        log("BREAKDOWN", size, json.dumps({k: round(v, 2) for k, v in per_frame.items()}))
+
+    # -- peers ----------------------------------------------------------------------------------
+    def peer(self, size, config, prompt, method, budget, resident, frames):
+        from vibevoice_offload.frame_loop import FrameLoop
+
+        n = config.text_config.num_hidden_layers
+        gc.collect()
+        empty_host_cache()
+        self.rss_before_model = rss_bytes()
+        model = build_model(config)
+        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        layer_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
+        k = n - resident
+        cleanup = []
+
+        def run():
+            streamed = place_for_peer(model, resident)
+            layers = model.model.language_model.layers
+            loop_cls = FrameLoop
+            if method == "diffusers":
+                from diffusers.hooks import apply_group_offloading
+
+                holder = nn.Module()
+                holder.blocks = nn.ModuleList([layers[i] for i in streamed])
+                apply_group_offloading(holder, onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+            elif method == "accelerate":
+                from accelerate import cpu_offload
+
+                for i in streamed:
+                    cpu_offload(layers[i], execution_device=torch.device("cuda"))
+            elif method == "seed":
+                from seed_design import SeedHooks, SeedLoop
+
+                hooks = SeedHooks([layers[i] for i in streamed], torch.device("cuda"))
+                cleanup.append(hooks.remove)
+                loop_cls = SeedLoop
+            else:
+                raise ValueError(method)
+            res = timed_run(loop_cls(model, PeerExecutor(model)), prompt, frames)
+            res["k"] = len(streamed)
+            return res
+
+        m = 1 if method == "none" else 2  # our loop calls each layer twice per pass; the seed runs two passes
+        self.case(size, method, "bf16", budget, run, k=k, layer_bytes=layer_bytes, m=m, model_bytes=model_bytes)
+        for fn in cleanup:
+            fn()
+        del model
+        gc.collect()
+        empty_host_cache()
+
+    def stock_generate(self, size, config, prompt, frames):
+        from transformers.generation import UnbatchedClassifierFreeGuidanceLogitsProcessor  # noqa: F401
+
+        from vibevoice_offload.frame_loop import make_scheduler
+
+        gc.collect()
+        empty_host_cache()
+        self.rss_before_model = rss_bytes()
+        model = build_model(config)
+        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+
+        def generate(new_tokens):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model.generate(
+                input_ids=prompt.input_ids.cuda(), attention_mask=torch.ones_like(prompt.input_ids).cuda(),
+                input_values=prompt.voice_values.cuda().to(torch.bfloat16), padding_mask=prompt.voice_mask.cuda(),
+                max_new_tokens=new_tokens, guidance_scale=1.3, num_diffusion_steps=10,
+                noise_scheduler=make_scheduler(), return_dict_in_generate=True,
+            )
+            torch.cuda.synchronize()
+            return time.perf_counter() - t, out
+
+        def run():
+            model.to("cuda")
+            short = 4
+            t_short, _ = generate(short)
+            t_long, out = generate(short + frames)
+            audio = out.audio[0] if hasattr(out, "audio") else None
+            res = {"ms_per_frame": (t_long - t_short) * 1000 / frames, "frames": frames,
+                   "note": "(t(N+4) - t(4)) / N: prefill excluded; stock logits-CFG processor (3 LLM passes per frame)"}
+            if audio is not None:
+                res["audio_samples"] = int(audio.numel())
+            return res
+
+        self.case(size, "transformers_generate", "bf16", None, run, k=0, layer_bytes=0, m=3, model_bytes=model_bytes)
+        del model
+        gc.collect()
+
+    def run(self) -> None:
+        from vibevoice_offload.planner import load_size_config
+
+        for size in self.args.models:
+            config = load_size_config(size)
+            prompt = make_prompt(config)
+            log(f"== {size}: prompt {prompt.length} tokens")
+            resident = self.ours(size, config, prompt) if "ours" in self.args.methods else {}
+            n = config.text_config.num_hidden_layers
+            for budget in BUDGETS[size][1:]:
+                r = resident.get(budget, 0)
+                if "diffusers" in self.args.methods:
+                    self.peer(size, config, prompt, "diffusers", budget, r, self.args.peer_frames)
+                if size == "Large" and budget not in (12, 8) and not self.args.all_slow:
+                    continue
+                if "seed" in self.args.methods:
+                    self.peer(size, config, prompt, "seed", budget, r, self.args.slow_frames * 2)
+                if "accelerate" in self.args.methods:
+                    self.peer(size, config, prompt, "accelerate", budget, r, self.args.slow_frames)
+            if "generate" in self.args.methods:
+                self.stock_generate(size, config, prompt, self.args.peer_frames)
+            log(f"== {size} done; n={n}")
+        self.write()
+        try:
+            log("plot", plot(self.json_path))
+        except Exception as exc:  # noqa: BLE001 - matplotlib may be missing on the GPU machine
+            log(f"no plot ({exc!r}); run: python bench/offload_bench.py --plot-only {self.json_path}")
+
+
+def plot(json_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = json.loads(Path(json_path).read_text())
+    rows = [r for r in doc["rows"] if r.get("ms_per_frame")]
+    models = sorted({r["model"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(7 * max(len(models), 1), 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r["model"] == model]
+        full_x = max([r["budget_gb"] for r in mrows if r["budget_gb"] != "full"] + [0]) + 4
+        xval = lambda r: full_x if r["budget_gb"] == "full" else r["budget_gb"]  # noqa: E731
+        for (method, dtype) in sorted({(r["method"], r["stream_dtype"]) for r in mrows}):
+            pts = sorted((xval(r), r["ms_per_frame"]) for r in mrows if r["method"] == method and r["stream_dtype"] == dtype)
+            label = f"{method} ({dtype})" if method == "ours" else method
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            if method == "ours":
+                bpts = sorted((xval(r), r["bound_ms"]) for r in mrows if r["method"] == method and r["stream_dtype"] == dtype and r.get("bound_ms"))
+                ax.plot([p[0] for p in bpts], [p[1] for p in bpts], linestyle="--", color="gray", alpha=0.7,
+                        label=f"bound max(k·W/B, T_res) ({dtype})")
+        ax.axhline(FRAME_MS, color="red", linestyle=":", label="real time (133 ms)")
+        ax.set_yscale("log")
+        ax.set_xlabel("VRAM budget (GB); rightmost = full")
+        ax.set_ylabel("ms per frame (median)")
+        ax.set_title(f"VibeVoice-{model} on {doc['card']}, pinned H2D {doc['link_gbps_measured']:.1f} GB/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer frames (smoke run)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
+    parser.add_argument("--models", nargs="+", default=["Large", "1.5B"], choices=["Large", "1.5B"])
+    parser.add_argument("--methods", nargs="+", default=["ours", "diffusers", "seed", "accelerate", "generate"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
+    parser.add_argument("--frames", type=int, default=150, help="frames per case for this project")
+    parser.add_argument("--peer-frames", type=int, default=30, help="frames for diffusers and generate")
+    parser.add_argument("--slow-frames", type=int, default=10, help="frames for accelerate (the seed gets twice this)")
+    parser.add_argument("--all-slow", action="store_true", help="run accelerate and the seed at every budget")
+    parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
+    parser.add_argument("--no-deep", dest="deep", action="store_false",
+                        help="use the planner's default plan (prefetch depth 2) instead of choosing the ring depth per budget")
+    parser.add_argument("--plot-only", metavar="JSON")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        print(plot(Path(args.plot_only)))
+        return 0
+    if args.quick:
+        args.frames, args.peer_frames, args.slow_frames = 24, 10, 6
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    Bench(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The layer offloader on a CUDA GPU: exactness, fp8 error, no steady-state allocation, teardown.
+
+A mid-size synthetic model (hidden 1024, 8 decoder layers of 25 MB in bf16) so copies take
+measurable time. Skipped without CUDA (conftest: the `gpu` marker).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from vibevoice_offload.executor import ResidentExecutor
+from vibevoice_offload.frame_loop import FrameLoop, GenerationSettings
+from vibevoice_offload.offload import OffloadEngine
+from vibevoice_offload.plan import OffloadPlan
+from vibevoice_offload.pipeline import VibeVoice
+from vibevoice_offload.prompt import build_prompt
+
+pytestmark = pytest.mark.gpu
+
+SCRIPT = "Speaker 1: Hello there, how are you today?\nSpeaker 2: Fine, thanks!"
+LAYERS = 8
+
+
+@pytest.fixture(scope="module")
+def mid_dir(tmp_path_factory):
+    from vibevoice_offload.synthetic import write_demo_checkpoint
+
+    return write_demo_checkpoint(
+        tmp_path_factory.mktemp("mid") / "VibeVoice-mid", hidden_size=1024, intermediate_size=2816,
+        layers=LAYERS, heads=8, kv_heads=2, head_layers=2,
+    )
+
+
+@pytest.fixture()
+def voices():
+    g = torch.Generator().manual_seed(3)
+    return {1: (torch.randn(1, 400, generator=g) * 0.1, 24000), 2: (torch.randn(1, 300, generator=g) * 0.1, 24000)}
+
+
+def load(mid_dir) -> VibeVoice:
+    # The tokenizer is built from its file: AutoTokenizer reads config.json through AutoConfig,
+    # which misreads an original-layout config (and transformers 5.17 then rejects it).
+    from transformers import PreTrainedTokenizerFast
+
+    from vibevoice_offload.checkpoint import load_checkpoint
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(mid_dir / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
+    return VibeVoice(load_checkpoint(mid_dir, "bf16"), tokenizer, mid_dir)
+
+
+def resident_reference(mid_dir, voices, settings):
+    vv = load(mid_dir)
+    vv.model.to("cuda")
+    out = vv.generate(SCRIPT, voices, settings, executor=ResidentExecutor(vv.model))
+    del vv
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_engine(mid_dir, voices, settings, plan, **capture):
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, plan, "cuda")
+    engine.load()
+    out = vv.generate(SCRIPT, voices, settings, executor=engine)
+    stats = engine.stats()
+    engine.close()
+    return out, stats
+
+
+def test_bf16_streaming_is_bit_identical_to_resident(mid_dir, voices):
+    settings = GenerationSettings(cfg=1.3, steps=5, seed=11, max_frames=12)
+    reference = resident_reference(mid_dir, voices, settings)
+    full, _ = run_engine(mid_dir, voices, settings, OffloadPlan(LAYERS, "bf16"))
+    streamed, stats = run_engine(mid_dir, voices, settings, OffloadPlan(2, "bf16", prefetch_depth=2))
+    deep, _ = run_engine(mid_dir, voices, settings, OffloadPlan(0, "bf16", prefetch_depth=3))
+    assert reference.waveform.numel() > 0
+    assert torch.equal(full.waveform, streamed.waveform)
+    assert torch.equal(full.waveform, deep.waveform)
+    assert torch.equal(reference.waveform, streamed.waveform), (reference.waveform - streamed.waveform).abs().max()
+    assert stats["offload_streamed_layers"] == LAYERS - 2
+    assert stats["offload_copies"] >= stats["offload_passes"] * (LAYERS - 2)
+    assert stats["offload_link_gbps"] > 0
+    print("bf16 stats", stats)
+
+
+def _capture_run(model, tokenizer, executor, voices, settings):
+    """Prefill hidden states (both branches) and the first frame's latent."""
+    loop = FrameLoop(model, executor)
+    seen: dict[str, torch.Tensor] = {}
+    decoder_pass, sample = loop._decoder_pass, loop._sample_latent
+
+    def first_pass(inputs):
+        out = decoder_pass(inputs)
+        seen.setdefault("prefill", torch.cat([h.float().cpu() for h in out]))
+        return out
+
+    def first_latent(*args, **kwargs):
+        latent = sample(*args, **kwargs)
+        seen.setdefault("latent", latent.float().cpu())
+        return latent
+
+    loop._decoder_pass, loop._sample_latent = first_pass, first_latent
+    prompt = build_prompt(tokenizer, model.config, SCRIPT, voices)
+    loop.run(prompt, settings)
+    return seen
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_fp8_streaming_error_is_small(mid_dir, voices):
+    settings = GenerationSettings(cfg=1.3, steps=5, seed=5, max_frames=3)
+    vv = load(mid_dir)
+    vv.model.to("cuda")
+    ref = _capture_run(vv.model, vv.tokenizer, ResidentExecutor(vv.model), voices, settings)
+    del vv
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, OffloadPlan(2, "fp8", prefetch_depth=4), "cuda")
+    got = _capture_run(vv.model, vv.tokenizer, engine, voices, settings)
+    stats = engine.stats()
+    engine.close()
+    e_prefill, e_latent = rel(got["prefill"], ref["prefill"]), rel(got["latent"], ref["latent"])
+    print(f"fp8 relative error: prefill hidden {e_prefill:.4f}, first latent {e_latent:.4f}; stats {stats}")
+    assert e_prefill <= 0.02
+    assert e_latent <= 0.02
+    # fp8 slabs: about half the bf16 bytes per streamed layer
+    assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
+
+
+def test_no_device_allocation_in_steady_state(mid_dir, voices):
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8", prefetch_depth=5), "cuda")
+    engine.load()
+    prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
+    keys = ("segment.all.allocated", "num_alloc_retries", "num_device_alloc")
+    marks: dict[int, dict[str, int]] = {}
+
+    def on_frame(i, cap, chunk):
+        if i in (6, 40):
+            stats = torch.cuda.memory_stats()
+            marks[i] = {k: stats.get(k, 0) for k in keys}
+            marks[i]["reserved"] = torch.cuda.memory_reserved()
+
+    FrameLoop(vv.model, engine).run(prompt, GenerationSettings(cfg=1.3, steps=5, seed=1, max_frames=45), on_frame)
+    engine.close()
+    print("memory stats at frames 6 and 40:", marks)
+    assert marks[6] == marks[40]
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_teardown_leaves_nothing_behind(mid_dir, voices):
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, OffloadPlan(4, "bf16"), "cuda")
+    settings = GenerationSettings(cfg=1.3, steps=2, seed=2, max_frames=3)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base_alloc = torch.cuda.memory_allocated()
+    allocs, reserved, rss = [], [], []
+    for cycle in range(20):
+        engine.load()
+        assert engine.loaded and engine.resident_bytes > 0
+        vv.generate(SCRIPT, voices, settings, executor=engine)
+        engine.unload()
+        assert not engine.loaded
+        gc.collect()
+        allocs.append(torch.cuda.memory_allocated())
+        reserved.append(torch.cuda.memory_reserved())
+        rss.append(_rss())
+    print("allocated", allocs[:3], allocs[-3:], "reserved", reserved[:3], reserved[-3:], "rss MB", [r >> 20 for r in rss[:3]], [r >> 20 for r in rss[-3:]])
+    assert allocs[-1] <= base_alloc + 1024
+    assert reserved[-1] <= reserved[1]
+    assert rss[-1] - rss[2] < 64 * 2**20
+    engine.close()
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= base_alloc + 1024
+
+
+def test_pinning_disabled_falls_back_and_stays_exact(mid_dir, voices, caplog):
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=5)
+    pinned, _ = run_engine(mid_dir, voices, settings, OffloadPlan(2, "bf16"))
+    with caplog.at_level("WARNING"):
+        pageable, stats = run_engine(mid_dir, voices, settings, OffloadPlan(2, "bf16", pinned=False))
+    assert not stats["offload_pinned"]
+    assert "pageable" in caplog.text
+    assert torch.equal(pinned.waveform, pageable.waveform)
+
+
+def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices):
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=9, max_frames=5)
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, OffloadPlan(LAYERS, "bf16"), "cuda")
+    engine.load()
+    first = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
+    full_bytes = engine.resident_bytes
+    engine.set_resident_layers(1)
+    fewer = engine.resident_bytes
+    second = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
+    engine.set_resident_layers(LAYERS)
+    third = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
+    engine.close()
+    assert fewer < full_bytes
+    assert torch.equal(first, second) and torch.equal(first, third)
