@@ -37,10 +37,14 @@ def format_stats(s: dict) -> str:
         f"load {s['load_s']:.2f} s ({'already loaded' if s['was_loaded'] else 'loaded for this run'})",
     ]
     engine = s.get("engine")
-    if isinstance(engine, dict):
-        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in engine.items() if not isinstance(v, (dict, list)))
-        if shown:
-            lines.append("engine: " + shown)
+    if isinstance(engine, dict) and engine.get("offload_streamed_layers"):
+        line = (
+            f"streamed {engine['offload_streamed_layers']} layers: {engine.get('offload_bytes_streamed', 0) / gb:.3f} GB "
+            f"in {engine.get('offload_copies', 0)} copies ({'pinned' if engine.get('offload_pinned') else 'pageable'})"
+        )
+        if engine.get("offload_link_gbps"):
+            line += f", link {engine['offload_link_gbps']:.1f} GB/s, compute waited {engine.get('offload_wait_ms', 0.0):.1f} ms"
+        lines.append(line)
     return "\n".join(lines)
 
 

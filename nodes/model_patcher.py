@@ -91,7 +91,7 @@ class OffloadSettings:
 
     def describe(self, pinned: bool | None = None) -> str:
         """One line for logs and stats; `pinned`: what is really used, when known."""
-        what = {"auto": "auto", "preset": f"preset {self.preset}", "manual": f"manual {self.resident_layers} layers"}[self.mode]
+        what = {"auto": "auto", "preset": f"preset {self.preset}", "manual": f"manual, {self.resident_layers} resident layers"}[self.mode]
         pinned = self.pinned if pinned is None else pinned
         return f"{what}, stream {self.stream_dtype}, prefetch {self.prefetch_depth}, {'pinned' if pinned else 'pageable'} host memory"
 
