@@ -36,7 +36,9 @@ UI_WORKFLOW = REPO_ROOT / "example_workflows" / "vibevoice_dialog.json"
 SERVER_MODEL = "VibeVoice-tiny-test"  # no tokenizer files: ComfyUI's bundled Qwen2.5 one is used
 VOICE_FILES = ("vibevoice_speaker_1.wav", "vibevoice_speaker_2.wav")
 SCRIPT = "Speaker 1: Hello there, how are you?\nSpeaker 2: Fine, thanks."
-SHORT_SECONDS = 0.01  # the tiny model's hop is 4 samples: 60 frames
+# 2**-7 s: exact in binary, 187.5 samples -> 47 frames of the tiny model's 4-sample hop
+SHORT_SECONDS = 2**-7
+SHORT_FRAMES = 47
 LONG_SECONDS = 5.0  # 30,000 frames: minutes on a CPU, so a cancel lands mid-generation
 
 
@@ -149,16 +151,16 @@ def test_workflow_produces_audio(server):
     path = server.output_dir / saved["subfolder"] / saved["filename"]
     audio, rate = sf.read(path)
     assert rate == 24000
-    assert len(audio) == 60 * 4  # 60 frames of the tiny model's 4 samples
+    assert len(audio) == SHORT_FRAMES * 4  # the tiny model's hop is 4 samples
     assert np.abs(audio).max() > 0
 
     stats = stats_of(entry)
-    assert stats["frames"] == 60 and stats["model"] == SERVER_MODEL
+    assert stats["frames"] == SHORT_FRAMES and stats["model"] == SERVER_MODEL
     assert stats["resident_layers"] == stats["num_layers"] == 4  # --cpu: ComfyUI grants everything
     assert stats["weights_on_device_bytes"] > 0 and not stats["pinned"]
     # the folder has no tokenizer: ComfyUI's bundled Qwen2.5 one served it, offline
     assert stats["tokenizer"] == "qwen25_tokenizer"
-    assert "VibeVoice: generating up to 60 frames" in server.log_text(mark)
+    assert f"VibeVoice: generating up to {SHORT_FRAMES} frames" in server.log_text(mark)
 
 
 def test_interrupt_mid_generation_then_next_prompt_succeeds(server):
@@ -178,7 +180,7 @@ def test_interrupt_mid_generation_then_next_prompt_succeeds(server):
     after = server.wait(server.queue(api_graph(seed=3)), timeout=300)
     assert_success(after)
     stats = stats_of(after)
-    assert stats["frames"] == 60 and stats["was_loaded"]  # the engine stayed loaded across the cancel
+    assert stats["frames"] == SHORT_FRAMES and stats["was_loaded"]  # the engine stayed loaded across the cancel
 
 
 def test_free_unloads_and_the_next_run_reloads(server):
