@@ -191,7 +191,8 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
 
     def weight_bytes(self, resident_layers: int) -> int:
         """Device bytes the engine holds with `resident_layers` resident: its other resident
-        parts, one native layer per resident layer, and min(depth, streamed) ring slots."""
+        parts, one native layer per resident layer, and the streaming ring. An estimate from
+        the engine's layouts; the load and unload paths check the engine's real count."""
         engine = self.engine if self.engine is not None and self.engine_signature == self._signature() else None
         if engine is None:
             engine = self._new_engine(self.settings.wanted_layers(self.num_layers)) if self.engine is None else None
@@ -199,14 +200,16 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             return int(engine.resident_bytes_for(resident_layers))
         try:
             layer = engine.native.nbytes
-            slot = layer + (engine.stream_layout.nbytes if engine.plan.fp8 else 0)
             fixed = _fixed_device_bytes(engine)
+            stream = engine.stream_layout.nbytes if engine.plan.fp8 else 0
         except AttributeError:  # an engine without these details: the planner's estimate
             cp = self.vibevoice.checkpoint
             est = planner.estimate(cp.config, self._plan(resident_layers), dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
             return int(est.resident_weights + est.slots)
-        streamed = self.num_layers - resident_layers
-        return int(fixed + resident_layers * layer + min(self.settings.prefetch_depth, streamed) * slot)
+        depth = min(self.settings.prefetch_depth, self.num_layers - resident_layers)
+        # bf16: `depth` layer-sized slots; fp8: `depth` fp8 staging slots + one compute slot
+        ring = 0 if depth == 0 else (layer + depth * stream if stream else depth * layer)
+        return int(fixed + resident_layers * layer + ring)
 
     def _close_engine(self) -> None:
         engine, self.engine, self.engine_signature = self.engine, None, None
@@ -303,8 +306,15 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             n = self._choose_layers(budget)
             if self.settings.mode == "auto" and extra_memory >= 0 and self.engine_loaded():
                 n = max(n, self.resident_layers())  # offered more: never give back what we hold
+                keep = self.resident_layers()
+            else:
+                keep = 0
             try:
                 self._place(n)
+                # The estimate guided the choice; the engine's own count decides.
+                while budget is not None and n > keep and self._sync() > budget:
+                    n -= 1
+                    self._place(n)
             except Exception:
                 self.detach()
                 raise
@@ -343,6 +353,9 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             else:
                 return 0
             self.engine.set_resident_layers(n)
+            while self._sync() > target and n > 0:  # the engine's own count decides
+                n -= 1
+                self.engine.set_resident_layers(n)
             after = self._sync()
             log.info(
                 "VibeVoice: gave up VRAM for another model: %d -> %d resident layers, %.1f MB freed",

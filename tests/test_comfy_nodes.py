@@ -372,6 +372,39 @@ def test_patcher_counters_equal_the_engines_resident_bytes(pack, model_dirs):
     assert patcher.current_loaded_device() == torch.device("cpu")
 
 
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_weight_estimate_is_the_engines_count(pack, model_dirs, stream_dtype):
+    """The bytes the patcher expects for n resident layers, before and after loading, are
+    exactly what the engine then holds (ring of bf16 slots, or fp8 staging + compute slot)."""
+    import torch
+
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
+    patcher.configure(settings(pack, mode="manual", resident_layers=8, stream_dtype=stream_dtype, prefetch_depth=3))
+    before_load = [patcher.weight_bytes(n) for n in range(9)]
+    for n in range(8, -1, -1):
+        expected = patcher.weight_bytes(n)
+        patcher._place(n)
+        assert before_load[n] == expected == patcher.engine.resident_bytes == patcher.loaded_size(), n
+
+
+def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypatch):
+    """The engine's real count, not the estimate, has the last word on ComfyUI's budget."""
+    import torch
+
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"))
+    patcher.configure(settings(pack, target_utilisation=1.0))
+    patcher.load(torch.device("cpu"), full_load=True)
+    layer = patcher.engine.native.nbytes
+    budget = patcher.weight_bytes(3)
+    patcher.detach()
+    monkeypatch.setattr(patcher, "weight_bytes", lambda n: 0)  # "everything fits"
+    patcher.partially_load(torch.device("cpu"), extra_memory=budget)
+    assert patcher.loaded_size() <= budget and patcher.resident_layers() == 3
+    freed = patcher.partially_unload(torch.device("cpu"), 2 * layer)
+    assert freed >= 2 * layer and patcher.loaded_size() <= budget - 2 * layer
+    assert_counters_true(patcher)
+
+
 def test_manual_and_preset_configs_apply_at_run_time(pack, model_dirs, voices, clean_models):
     import torch
 
