@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
 
 from .errors import TokenizerNotFoundError
 
@@ -34,4 +34,9 @@ def find_tokenizer_dir(model_dir: Path | str, fallback_dirs: Sequence[Path | str
 
 
 def load_tokenizer(model_dir: Path | str, fallback_dirs: Sequence[Path | str] = ()) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(find_tokenizer_dir(model_dir, fallback_dirs)), local_files_only=True)
+    # Not AutoTokenizer: it reads the folder's config.json to pick a class, and an
+    # original-layout VibeVoice config.json is not one it knows (transformers 5.17).
+    folder = find_tokenizer_dir(model_dir, fallback_dirs)
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
