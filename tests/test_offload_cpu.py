@@ -97,6 +97,26 @@ def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
     engine.close()
 
 
+def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference):
+    """fp8 streaming adds no error beyond the rounding: the same audio as a resident model whose
+    streamed layers' linear weights were quantised and dequantised (row scales, float32)."""
+    from vibevoice_offload.fp8 import quantize_fp8
+
+    voices, _ = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8", prefetch_depth=3))
+    streamed = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    engine.close()
+    rounded = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    with torch.no_grad():
+        for layer in rounded.model.model.language_model.layers[2:]:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    q, scale = quantize_fp8(module.weight)
+                    module.weight.copy_(q.to(torch.float32) * scale[:, None])
+    expected = rounded.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(rounded.model)).waveform
+    assert torch.equal(streamed, expected)
+
+
 # --- the ring ----------------------------------------------------------------------------------------
 
 def _trace(engine):
