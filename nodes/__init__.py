@@ -9,9 +9,11 @@ from comfy_api.latest import ComfyExtension, io
 from .generate import VibeVoiceGenerateDialog
 from .loader import VibeVoiceOffloadLoader
 from .offload_config import VibeVoiceOffloadConfig
+from .routes import register_routes
 from .shared import register_models_folder
 
 register_models_folder()
+register_routes()  # POST /vibevoice_offload/plan for the web extension (web/); once, only inside ComfyUI
 
 
 class VibeVoiceOffloadExtension(ComfyExtension):
