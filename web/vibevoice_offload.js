@@ -8,7 +8,7 @@
 // State for tests and other extensions: node.vibevoicePlan on Offload Config
 // ({status: "idle"|"loading"|"ok"|"error"|"unavailable", plan, error, request, updates,
 // requests}), node.vibevoiceStats on Generate Dialog (the last run's stats object).
-// A slow or failing route only ever shows "plan unavailable": nothing is thrown or logged.
+// A slow or failing route only ever shows "plan unavailable": nothing throws, nothing logs an error.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
