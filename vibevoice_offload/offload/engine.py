@@ -135,6 +135,7 @@ class OffloadEngine:
         self._host: list[HostLayer | None] = [None] * self.num_layers
         self._resident_buffers: dict[int, torch.Tensor] = {}
         self._placement = _Placement(device)
+        self._encoder_placement: _Placement | None = None  # set while a prompt is being encoded
         self._ring: SlotRing | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         self._queue: deque = deque()  # (layer index, slot) in issue order
@@ -488,7 +489,7 @@ class OffloadEngine:
         if not self._loaded:
             return 0
         modules = self._resident_modules()
-        if getattr(self, "_encoder_placement", None) is not None:
+        if self._encoder_placement is not None:
             modules.append(self.model.model.audio_tower.encoder)
         seen: set[int] = set()
         total = 0
