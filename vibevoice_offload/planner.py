@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
 import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +32,7 @@ from transformers import PretrainedConfig, VibeVoiceConfig, VibeVoiceForConditio
 from .config import SAMPLE_RATE, build_config, detect_layout, hop_length, load_config
 from .errors import VibeVoiceError
 from .fp8 import FP8_DTYPE
+from .offload.host_slabs import ALIGN as SLAB_ALIGN
 from .plan import OffloadPlan, StreamDtype
 
 GB = 10**9
@@ -63,10 +66,21 @@ LAYERS_PATH = "model.language_model.layers"
 
 
 @dataclass(frozen=True)
+class _TensorCensus:
+    """One tensor of a decoder layer, as the engine's slab layout sees it."""
+
+    numel: int
+    rows: int
+    """out_features when this is an nn.Linear weight (fp8-quantisable, one float32 scale per
+    row); 0 otherwise."""
+    itemsize: int
+    """Bytes per element of a buffer (its own dtype); 0 for a floating parameter, which takes
+    the model dtype."""
+
+
+@dataclass(frozen=True)
 class _LayerCensus:
-    linear_weight_numel: int  # elements of all nn.Linear weights (fp8-quantisable)
-    linear_rows: int  # sum of out_features: one fp8 scale each
-    other_numel: int  # biases and norms: stay in the model dtype
+    tensors: tuple[_TensorCensus, ...]  # parameters then buffers, as `SlabLayout.build` lists them
 
 
 @dataclass(frozen=True)
@@ -117,10 +131,13 @@ def _take_census(config: VibeVoiceConfig) -> _Census:
         buffer_bytes[component] = buffer_bytes.get(component, 0) + buffer.numel() * buffer.element_size()
     layers = []
     for layer in model.model.language_model.layers:
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        linear_weight_numel = sum(m.weight.numel() for m in linears)
-        total = sum(p.numel() for p in layer.parameters())
-        layers.append(_LayerCensus(linear_weight_numel, sum(m.out_features for m in linears), total - linear_weight_numel))
+        linear_rows = {f"{name}.weight" if name else "weight": m.out_features for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        tensors = [
+            _TensorCensus(p.numel(), linear_rows.get(name, 0) if p.dim() == 2 else 0, 0 if p.is_floating_point() else p.element_size())
+            for name, p in layer.named_parameters()
+        ]
+        tensors += [_TensorCensus(b.numel(), 0, b.element_size()) for _, b in layer.named_buffers()]
+        layers.append(_LayerCensus(tuple(tensors)))
     conv_cache = {
         "acoustic_decoder": _conv_cache_elements(model.model.audio_tower.decoder),
         "semantic_encoder": _conv_cache_elements(model.model.semantic_tokenizer_encoder),
@@ -128,11 +145,24 @@ def _take_census(config: VibeVoiceConfig) -> _Census:
     return _Census(param_numel, buffer_bytes, tuple(layers), conv_cache)
 
 
+_CENSUS_BY_ID: dict[int, tuple[weakref.ref, _Census]] = {}
+
+
 def _census(config: VibeVoiceConfig) -> _Census:
+    """Cached per config content; the same config object skips even the JSON key (auto
+    mode runs hundreds of estimates, and `to_json_string` costs ~8 ms each)."""
+    hit = _CENSUS_BY_ID.get(id(config))
+    if hit is not None and hit[0]() is config:
+        return hit[1]
     key = config.to_json_string()
     if key not in _CENSUS_CACHE:
         _CENSUS_CACHE[key] = _take_census(config)
-    return _CENSUS_CACHE[key]
+    census = _CENSUS_CACHE[key]
+    try:
+        _CENSUS_BY_ID[id(config)] = (weakref.ref(config, lambda _, i=id(config): _CENSUS_BY_ID.pop(i, None)), census)
+    except TypeError:  # not weak-referenceable: key by content only
+        pass
+    return census
 
 
 @dataclass(frozen=True)
@@ -141,10 +171,14 @@ class ModelSizes:
     `numel x dtype.itemsize`; buffers count in their own dtype (float32 tables)."""
 
     layers: tuple[int, ...]
-    """Each decoder layer in the model dtype."""
+    """Each decoder layer in the model dtype, as the engine lays it out in a slab, a GPU slot
+    or a resident buffer: every tensor starts on a `SLAB_ALIGN` (256-byte) boundary, so
+    each tensor's bytes are rounded up to a multiple of 256. The released configs' tensors
+    are all multiples of 256 bytes already (no padding); tiny test models are not."""
     layers_fp8: tuple[int, ...]
-    """Each decoder layer as streamed in fp8: nn.Linear weights at 1 byte per element,
-    plus one float32 scale per output row, plus biases and norms in the model dtype."""
+    """Each decoder layer as streamed in fp8 (the engine's FP8 slab): nn.Linear weights at 1
+    byte per element and one float32 scale per output row, each padded to 256 bytes, plus
+    biases and norms in the model dtype, padded likewise."""
     embed_tokens: int
     lm_head: int
     """0 when tied to `embed_tokens` (1.5B)."""
@@ -174,6 +208,23 @@ class ModelSizes:
         return self.layers_fp8[index] if stream_dtype == "fp8" else self.layers[index]
 
 
+def _align(nbytes: int) -> int:
+    return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
+
+
+def _slab_bytes(layer: _LayerCensus, itemsize: int, *, fp8: bool) -> int:
+    """Bytes of one decoder layer in the engine's slab layout (`host_slabs.SlabLayout`): each
+    tensor at a 256-byte-aligned offset; fp8: a Linear weight becomes 1-byte elements plus a
+    separately aligned float32 scale per row."""
+    total = 0
+    for t in layer.tensors:
+        if fp8 and t.rows:
+            total += _align(t.numel * FP8_DTYPE.itemsize) + _align(t.rows * FP8_SCALE_DTYPE.itemsize)
+        else:
+            total += _align(t.numel * (t.itemsize or itemsize))
+    return total
+
+
 def model_sizes(config: VibeVoiceConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
     """Byte sizes of every part of the model; the meta-device census is cached per config."""
     return _sizes(config, _census(config), dtype)
@@ -185,12 +236,8 @@ def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> Mode
     def part(name: str) -> int:
         return census.param_numel.get(name, 0) * itemsize + census.buffer_bytes.get(name, 0)
 
-    layers = tuple(part(f"layer.{i}") for i in range(len(census.layers)))
-    layers_fp8 = tuple(
-        c.linear_weight_numel * FP8_DTYPE.itemsize + c.linear_rows * FP8_SCALE_DTYPE.itemsize + c.other_numel * itemsize
-        + census.buffer_bytes.get(f"layer.{i}", 0)
-        for i, c in enumerate(census.layers)
-    )
+    layers = tuple(_slab_bytes(c, itemsize, fp8=False) for c in census.layers)
+    layers_fp8 = tuple(_slab_bytes(c, itemsize, fp8=True) for c in census.layers)
     return ModelSizes(
         layers=layers,
         layers_fp8=layers_fp8,
@@ -339,8 +386,12 @@ def _diffusion_bytes(config: VibeVoiceConfig, itemsize: int) -> int:
 # The estimate
 # --------------------------------------------------------------------------------------
 
-ALLOCATOR_SLACK_FRACTION = Fraction(5, 100)
-ALLOCATOR_SLACK_FIXED = 64 * MiB
+# Reserved minus allocated, measured (NVIDIA H200, Large, 7 plans from 4.6 to 17.8 GB
+# allocated, bench/results/NVIDIA-H200-20261127.json): 176-213 MB, growing about 3 MB per GB.
+# 2% + 128 MiB covers that with room for longer prompts' transients (the measured runs had
+# a 341-token prompt) and stays within the issue's 5% of the measured peak.
+ALLOCATOR_SLACK_FRACTION = Fraction(2, 100)
+ALLOCATOR_SLACK_FIXED = 128 * MiB
 
 
 @dataclass(frozen=True)
@@ -349,19 +400,24 @@ class Estimate:
 
     Counts what PyTorch's caching allocator hands out; the CUDA context is not counted
     (ComfyUI's budget already excludes it; `budget_from_free` leaves headroom for it).
+    `resident_weights + slots` is exactly `OffloadEngine.resident_bytes` after `load()`
+    (tests/test_planner_engine.py), and `host_slabs` exactly `OffloadEngine.host_bytes` of
+    a freshly built engine.
     """
 
     resident_weights: int
-    """On the GPU for the whole run, model dtype: the resident decoder layers, final norm,
-    embed_tokens (unless `embed_on_host`), the 4-row lm_head slice (the full lm_head never
-    goes to the GPU), diffusion head, acoustic decoder, semantic encoder, both connectors,
-    and `other` (scalars, rotary buffers)."""
+    """On the GPU for the whole run, what the engine places there (model dtype; buffers in
+    their own dtype): the resident decoder layers (each `ModelSizes.layers`, i.e. the
+    engine's 256-byte-aligned layout), final norm, rotary tables, embed_tokens (unless
+    `embed_on_host`), diffusion head, acoustic decoder, semantic encoder, both connectors
+    and the two latent scalars. The full lm_head never goes to the GPU."""
     slots: int
-    """The streaming ring: min(prefetch_depth, streamed layers) slots (the engine never
-    allocates more slots than layers to stream; 0 when nothing is streamed), each the
-    largest streamed layer in the model dtype, plus for fp8 one fp8 staging buffer per slot
-    (the layer's fp8 bytes incl. scales). Dequantisation runs in place in the slot (copy,
-    then multiply by the row scales), so it needs no scratch."""
+    """The engine's streaming ring (`gpu_slots.SlotRing`), 0 when nothing is streamed. With
+    S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
+    layers to stream): bf16 streaming, S model-dtype slots of one layer each; fp8
+    streaming, S fp8 staging slots (the layer's fp8 slab: weights, row scales, biases and
+    norms) plus ONE shared model-dtype compute buffer that each layer is dequantised into
+    in place, on the compute stream, just before it runs."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU):
     (positive positions prompt_len + max_frames, plus negative positions max_frames + 1)
@@ -384,26 +440,53 @@ class Estimate:
     streaming conv caches of the acoustic decoder and semantic encoder (batch 1). KV caches
     are preallocated to their final length (`Executor.new_kv_cache(max_length)`), so
     growing them copies nothing."""
+    lm_head_rows: int
+    """The 4 rows of lm_head the frame loop copies to the GPU for each run (4 x hidden x
+    dtype bytes): the frame loop's, not the engine's, so not in `resident_weights`."""
     allocator_slack: int
-    """Fragmentation and rounding: 5% of the larger phase + 64 MiB."""
+    """Reserved minus allocated: 2% of the larger phase + 128 MiB (see ALLOCATOR_SLACK_*)."""
     total_vram: int
-    """max(prefill phase, frame phase) + allocator_slack."""
+    """max(prefill phase, frame phase) + allocator_slack: the peak the caching allocator
+    reserves."""
+    host_slabs: int
+    """The engine's host slabs, exactly: resident layers in the model dtype (kept for a fast
+    reload), streamed layers in the stream dtype; pinned or pageable per the plan. (An
+    engine whose residency was changed after packing keeps fp8 slabs of layers that became
+    resident: `set_resident_layers` never re-packs them.)"""
     host_ram: int
-    """Host memory the plan holds: the streamed layers' slabs in the stream dtype (exact
-    bytes; pinned or pageable per the plan), the acoustic encoder (parked on the host between
-    prompts), embed_tokens if `embed_on_host`, and, with `keep_host_copy`, a model-dtype
-    copy of everything on the GPU plus the full lm_head (so ComfyUI can unload without
-    re-reading the checkpoint)."""
+    """Host memory the model holds under the engine: `host_slabs` plus every other part of
+    the model at its loaded size (the engine keeps the host copy of each module it places
+    on the GPU, so unloading costs no copy): embed_tokens, the full lm_head (0 when tied),
+    norm, diffusion head, acoustic encoder and decoder, semantic encoder, connectors,
+    scalars and rotary tables. Python, torch and CUDA libraries are not counted."""
 
     @property
     def prefill_phase(self) -> int:
         """Voice encoding, then the prompt pass: the encoder is released before the first
         decoder layer runs, so the two take the max, not the sum."""
-        return self.resident_weights + self.slots + self.kv_cache + max(self.prefill_activations, self.acoustic_encoder_peak)
+        return self.resident_weights + self.slots + self.lm_head_rows + self.kv_cache + max(self.prefill_activations, self.acoustic_encoder_peak)
 
     @property
     def frame_phase(self) -> int:
-        return self.resident_weights + self.slots + self.kv_cache + self.diffusion_and_tokenizer_workspace
+        return self.resident_weights + self.slots + self.lm_head_rows + self.kv_cache + self.diffusion_and_tokenizer_workspace
+
+    @property
+    def weights(self) -> int:
+        """What the engine holds on the device: `OffloadEngine.resident_bytes` after `load()`."""
+        return self.resident_weights + self.slots
+
+
+def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
+    """The engine's slot ring for `plan`: bf16, S layer-sized slots; fp8, S fp8 staging slots
+    plus one model-dtype compute buffer; S = min(prefetch_depth, streamed layers)."""
+    streamed = range(plan.resident_layers, num_layers)
+    if not streamed:
+        return 0
+    depth = min(plan.prefetch_depth, len(streamed))
+    native = max(sizes.layers[i] for i in streamed)
+    if plan.fp8:
+        return native + depth * max(sizes.layers_fp8[i] for i in streamed)
+    return depth * native
 
 
 def kv_cache_bytes(config: VibeVoiceConfig, positions: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -420,7 +503,6 @@ def estimate(
     voice_samples: int | Sequence[int],
     max_frames: int,
     text_tokens: int,
-    keep_host_copy: bool = False,
 ) -> Estimate:
     """Peak VRAM and host RAM for generating `max_frames` frames with `plan`.
 
@@ -435,19 +517,12 @@ def estimate(
     r = plan.resident_layers
     streamed = range(r, num_layers)
 
-    resident = (
-        sum(sizes.layers[:r]) + sizes.norm + (0 if plan.embed_on_host else sizes.embed_tokens) + sizes.lm_head_slice
-        + sizes.diffusion_head + sizes.acoustic_decoder + sizes.semantic_encoder
+    always = (
+        sizes.norm + sizes.diffusion_head + sizes.acoustic_decoder + sizes.semantic_encoder
         + sizes.acoustic_connector + sizes.semantic_connector + sizes.other
     )
-
-    slots = 0
-    if streamed:
-        ring = min(plan.prefetch_depth, len(streamed))
-        slot = max(sizes.layers[i] for i in streamed)
-        if plan.fp8:
-            slot += max(sizes.layers_fp8[i] for i in streamed)
-        slots = ring * slot
+    resident = sum(sizes.layers[:r]) + always + (0 if plan.embed_on_host else sizes.embed_tokens)
+    slots = ring_bytes(sizes, plan, num_layers)
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
     positive = prompt_len + max_frames
@@ -473,15 +548,12 @@ def estimate(
         + (census.conv_cache_elements["acoustic_decoder"] + census.conv_cache_elements["semantic_encoder"]) * itemsize
     )
 
-    base = resident + slots + kv
+    base = resident + slots + sizes.lm_head_slice + kv
     peak = base + max(prefill, encoder_peak, workspace)
     slack = math.ceil(peak * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_FIXED
 
-    host = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed) + sizes.acoustic_encoder
-    if plan.embed_on_host:
-        host += sizes.embed_tokens
-    if keep_host_copy:
-        host += resident - sizes.lm_head_slice + sizes.lm_head
+    host_slabs = sum(sizes.layers[:r]) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
+    host = host_slabs + always + sizes.embed_tokens + sizes.lm_head + sizes.acoustic_encoder
     return Estimate(
         resident_weights=resident,
         slots=slots,
@@ -489,8 +561,10 @@ def estimate(
         prefill_activations=prefill,
         acoustic_encoder_peak=encoder_peak,
         diffusion_and_tokenizer_workspace=workspace,
+        lm_head_rows=sizes.lm_head_slice,
         allocator_slack=slack,
         total_vram=peak + slack,
+        host_slabs=host_slabs,
         host_ram=host,
     )
 

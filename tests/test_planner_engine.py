@@ -1,0 +1,193 @@
+"""The planner's estimate against what the offload engine really allocates, byte for byte (CPU).
+
+For synthetic models written to a folder and loaded through `load_checkpoint`, and plans with
+none, some and all decoder layers resident, bf16 and fp8 streaming, ring depths 2 and 3,
+embed_tokens on the device or the host:
+
+    estimate(...).resident_weights + estimate(...).slots == engine.resident_bytes
+    estimate(...).slots == engine.slot_bytes
+    estimate(...).host_slabs == engine.host_bytes          (a freshly packed engine)
+    estimate(...).host_ram == engine.host_bytes + the model's other tensors on the host
+
+exactly: no rounding is involved. On a CPU device the engine allocates nothing for resident
+layers (they run from their host slabs) but counts them as it would on a GPU, so the
+comparison is the same arithmetic the GPU run does; the gpu-marked test at the end checks it
+against `torch.cuda.memory_allocated()`, where the caching allocator rounds each tensor up to
+512 bytes.
+
+The tiny models' tensors are not multiples of 256 bytes (a 16-wide k_proj bias is 32 bytes),
+so the engine's 256-byte slab alignment shows in every layer; the tests check that, and that
+the ring rule they pin down differs from the old "bf16 + fp8 per slot" rule, so a planner
+that forgot either would fail here.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from vibevoice_offload import planner
+from vibevoice_offload.checkpoint import load_checkpoint
+from vibevoice_offload.offload import OffloadEngine
+from vibevoice_offload.plan import OffloadPlan
+from vibevoice_offload.synthetic import original_config, random_model, write_checkpoint
+
+LAYERS_PREFIX = "model.language_model.layers."
+
+MODELS = {
+    # name: config overrides (the tiny default is 32 wide, 4 layers; "tied" shares lm_head like 1.5B)
+    "tiny": {},
+    "mid": dict(hidden_size=128, intermediate_size=384, layers=6, heads=4, kv_heads=2),
+    "tied": dict(hidden_size=48, intermediate_size=80, layers=3, heads=4, kv_heads=2, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for name, overrides in MODELS.items():
+        raw = original_config(**overrides)
+        model = random_model(raw, seed=3)
+        out[name] = write_checkpoint(model, raw, tmp_path_factory.mktemp(name) / f"VibeVoice-{name}")
+        del model
+    return out
+
+
+def _plans(num_layers: int) -> list[OffloadPlan]:
+    some = num_layers // 2
+    plans = []
+    for stream_dtype in ("bf16", "fp8"):
+        for depth in (2, 3):
+            for resident in (0, some, num_layers - 1, num_layers):
+                plans.append(OffloadPlan(resident, stream_dtype, depth))
+    plans += [OffloadPlan(0, "fp8", 3, embed_on_host=True), OffloadPlan(some, "bf16", 2, pinned=False, embed_on_host=True)]
+    return plans
+
+
+CASES = [(name, dtype, plan) for name, n in (("tiny", 4), ("mid", 6), ("tied", 3)) for dtype in ("bf16",) for plan in _plans(n)]
+CASES += [("tiny", "fp32", OffloadPlan(1, "fp8", 3)), ("tiny", "fp32", OffloadPlan(2, "bf16", 2)), ("mid", "fp32", OffloadPlan(0, "fp8", 2))]
+
+
+def _estimate(cp, plan):
+    return planner.estimate(cp.config, plan, dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
+
+
+def _other_host_bytes(model) -> int:
+    """Bytes of the model's tensors outside the decoder layers (tied weights once)."""
+    seen, total = set(), 0
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if name.startswith(LAYERS_PREFIX) or id(t) in seen or t.is_meta:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _case_id(case) -> str:
+    name, dtype, plan = case
+    extra = ("-embed_on_host" if plan.embed_on_host else "") + ("-pageable" if not plan.pinned else "")
+    return f"{name}-{dtype}-r{plan.resident_layers}-{plan.stream_dtype}-d{plan.prefetch_depth}{extra}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_estimate_is_what_the_engine_allocates(folders, case):
+    name, dtype, plan = case
+    cp = load_checkpoint(folders[name], dtype)
+    est = _estimate(cp, plan)
+    other = _other_host_bytes(cp.model)
+    engine = OffloadEngine(cp.model, plan, device="cpu")
+    engine.load()
+    try:
+        assert est.slots == engine.slot_bytes
+        assert est.resident_weights + est.slots == engine.resident_bytes
+        assert est.weights == engine.resident_bytes
+        assert est.host_slabs == engine.host_bytes
+        assert est.host_ram == engine.host_bytes + other
+        engine.unload()
+        engine.load()  # the slabs are kept; the device side is rebuilt the same
+        assert (engine.resident_bytes, engine.host_bytes) == (est.weights, est.host_slabs)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_estimate_follows_residency_changes(folders, stream_dtype):
+    """ComfyUI's load and unload change residency on a loaded engine: the device side then
+    matches the estimate for the new plan exactly. Host slabs: a layer that becomes streamed
+    is re-packed in the stream format; a layer that becomes resident keeps its fp8 slab (it
+    is dequantised on upload), so with fp8 the host side differs by exactly that."""
+    cp = load_checkpoint(folders["mid"], "bf16")
+    sizes = planner.model_sizes(cp.config, cp.dtype)
+    plan = OffloadPlan(4, stream_dtype, 3)
+    engine = OffloadEngine(cp.model, plan, device="cpu")
+    engine.load()
+    try:
+        for resident in (1, 5, 0, 6, 2):
+            engine.set_resident_layers(resident)
+            est = _estimate(cp, OffloadPlan(resident, stream_dtype, 3))
+            assert engine.resident_bytes == est.weights, resident
+            fp8_slabs_of_resident_layers = sum(1 for i in range(resident) if engine._host[i].format == "fp8")
+            expected_host = est.host_slabs - fp8_slabs_of_resident_layers * (sizes.layers[0] - sizes.layers_fp8[0])
+            assert engine.host_bytes == expected_host, resident
+            assert (fp8_slabs_of_resident_layers > 0) == (stream_dtype == "fp8" and resident > 1)
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------ these tests can fail
+
+
+@pytest.mark.parametrize("name", ["tiny", "mid", "tied"])
+def test_the_models_need_slab_padding(folders, name):
+    """Raw tensor bytes differ from the engine's aligned slab: an estimate that ignored the
+    256-byte alignment would fail test_estimate_is_what_the_engine_allocates."""
+    cp = load_checkpoint(folders[name], "bf16")
+    layer = cp.model.model.language_model.layers[0]
+    raw = sum(t.numel() * t.element_size() for t in layer.parameters())
+    engine = OffloadEngine(cp.model, OffloadPlan(0, "fp8", 2), device="cpu")
+    sizes = planner.model_sizes(cp.config, cp.dtype)
+    assert sizes.layers[0] == engine.native.nbytes > raw
+    assert sizes.layers_fp8[0] == engine.stream_layout.nbytes
+
+
+def test_the_old_slot_rule_would_be_caught(folders):
+    """The rule the planner used to have (every fp8 slot = one bf16 layer + one fp8 layer)
+    overcounts the engine's ring by (S - 1) bf16 layers; the byte-exact test sees that."""
+    cp = load_checkpoint(folders["mid"], "bf16")
+    sizes = planner.model_sizes(cp.config, cp.dtype)
+    for depth in (2, 3):
+        engine = OffloadEngine(cp.model, OffloadPlan(0, "fp8", depth), device="cpu")
+        engine.load()
+        old_rule = depth * (sizes.layers[0] + sizes.layers_fp8[0])
+        assert engine.slot_bytes == sizes.layers[0] + depth * sizes.layers_fp8[0] != old_rule
+        assert old_rule - engine.slot_bytes == (depth - 1) * sizes.layers[0]
+        engine.close()
+        cp = load_checkpoint(folders["mid"], "bf16")
+
+
+# ------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", [OffloadPlan(0, "bf16", 3), OffloadPlan(3, "fp8", 3), OffloadPlan(6, "bf16"), OffloadPlan(2, "fp8", 2, embed_on_host=True)],
+                         ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}")
+def test_estimate_against_cuda_allocations(folders, plan):
+    """On the GPU the engine's count is real memory: memory_allocated() rises by the weight
+    estimate plus the caching allocator's rounding (each tensor up to a multiple of 512 bytes)."""
+    cp = load_checkpoint(folders["mid"], "bf16")
+    est = _estimate(cp, plan)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = OffloadEngine(cp.model, plan, device="cuda")
+    engine.load()
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    tensors = sum(1 for t in (*cp.model.parameters(), *cp.model.buffers()) if t.is_cuda) + 8
+    try:
+        assert engine.resident_bytes == est.weights
+        assert est.weights <= grown < est.weights + 512 * tensors
+    finally:
+        engine.close()
