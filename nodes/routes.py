@@ -21,6 +21,7 @@ message); a malformed request gets HTTP 400, an unexpected failure HTTP 500, bot
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
@@ -175,6 +176,10 @@ def compute_plan(body: dict) -> dict[str, Any]:
     total, free = _device_memory()
     budget = None if free is None else int(free * (utilisation if mode == "auto" else 1.0))
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
+    link, link_source = _link_gbps()
+    auto_kw = dict(kw)
+    if "link_gbps" in inspect.signature(planner.plan_auto).parameters:
+        auto_kw["link_gbps"] = link  # a planner that rates plans by speed must never measure from here
 
     error = None
     if mode == "auto":
@@ -182,7 +187,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
             plan = OffloadPlan(n, stream_dtype, depth, pinned)
         else:
             try:
-                plan = planner.plan_auto(config, budget, **kw)
+                plan = planner.plan_auto(config, budget, **auto_kw)
             except planner.PlanError as exc:
                 error, plan = str(exc), OffloadPlan(0, stream_dtype, depth, pinned)
     else:
@@ -203,7 +208,6 @@ def compute_plan(body: dict) -> dict[str, Any]:
         config, plan, dtype=dtype, voice_samples=workload.voice_samples,
         max_frames=workload.max_frames, text_tokens=workload.text_tokens,
     )
-    link, link_source = _link_gbps()
     ms = planner.predict_ms_per_frame(config, plan, link, dtype=dtype)
     out.update(
         model=source,

@@ -314,7 +314,8 @@ function drawPlan(ctx, node, width, y) {
     ctx.fillRect(bx - 1, vramY - 2, 2, 14);
   }
   ctx.fillStyle = colors.text();
-  const vramText = card ? `VRAM ≈ ${gb(est)} of ${gb(card)} card` : `VRAM ≈ ${gb(est)} (no GPU: card n/a)`;
+  const budgetText = plan.budget_bytes != null ? ` · budget ${gb(plan.budget_bytes)}` : "";
+  const vramText = card ? `VRAM ≈ ${gb(est)}${budgetText} · card ${gb(card)}` : `VRAM ≈ ${gb(est)} (no GPU: card n/a)`;
   ctx.fillText(fit(ctx, vramText, w), x, vramY + 19);
 
   // Speed.
