@@ -232,12 +232,50 @@ def test_more_resident_layers_need_more_vram(size, stream_dtype):
 
 @pytest.mark.parametrize("budget_gb", [7.5, 8, 10, 12, 16, 20.5, 24])
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
-def test_auto_picks_the_most_layers_that_fit(large, budget_gb, stream_dtype):
+def test_auto_with_a_fixed_depth_picks_the_most_layers_that_fit(large, budget_gb, stream_dtype):
     budget = int(budget_gb * GB)
-    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK)
+    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, prefetch_depth=2)
+    assert plan.prefetch_depth == 2
     assert _estimate(large, plan).total_vram <= budget
     for more in range(plan.resident_layers + 1, 29):
         assert _estimate(large, OffloadPlan(more, stream_dtype)).total_vram > budget
+
+
+@pytest.mark.parametrize("budget_gb", [7, 8, 10, 12, 16, 24])
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("link_gbps", [25.0, 55.0])
+def test_auto_chooses_the_fastest_depth_that_fits(large, budget_gb, stream_dtype, link_gbps):
+    """Every (depth, most resident layers that fit at that depth) is a candidate; auto's plan
+    fits and no candidate is predicted more than AUTO_DEPTH_GAIN faster."""
+    budget = int(budget_gb * GB)
+    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps)
+    assert _estimate(large, plan).total_vram <= budget
+    ms = predict_ms_per_frame(large, plan, link_gbps)
+    for depth in range(2, 29):
+        try:
+            other = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, prefetch_depth=depth)
+        except PlanError:
+            assert depth > 2  # deeper rings need more VRAM
+            continue
+        assert predict_ms_per_frame(large, other, link_gbps) >= ms * (1 - planner.AUTO_DEPTH_GAIN) - 1e-9, depth
+    assert plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, prefetch_depth=2).resident_layers >= plan.resident_layers
+
+
+def test_auto_takes_a_deep_ring_over_a_few_resident_layers_where_the_h200_showed_it(large):
+    """At 12 GB over PCIe 5 a depth-2 ring left the copies 66-92 ms per frame behind (run1, H200);
+    auto trades resident layers for slots where the ring simulation says it pays, as the
+    measured deep rings did (bench/results/NVIDIA-H200-20261127.json)."""
+    work = Workload((120_000, 120_000), 60, 201)
+    shallow = plan_auto(large, 12 * GB, workload=work, prefetch_depth=2, embed_on_host=True)
+    deep = plan_auto(large, 12 * GB, workload=work, link_gbps=55.2, embed_on_host=True)
+    assert deep.prefetch_depth > 2 and deep.resident_layers < shallow.resident_layers
+    assert predict_ms_per_frame(large, deep, 55.2) < predict_ms_per_frame(large, shallow, 55.2)
+    # fp8's half-size staging slots make depth cheap, and they free at dequantisation: a large gain
+    shallow = plan_auto(large, 12 * GB, workload=work, prefetch_depth=2, embed_on_host=True, stream_dtype="fp8")
+    deep = plan_auto(large, 12 * GB, workload=work, link_gbps=55.2, embed_on_host=True, stream_dtype="fp8")
+    assert deep.prefetch_depth >= 8
+    assert predict_ms_per_frame(large, deep, 55.2) < 0.9 * predict_ms_per_frame(large, shallow, 55.2)
+    assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.2) == OffloadPlan(28, "bf16")  # all resident: no ring
 
 
 def test_auto_values_are_plausible(large, small):
@@ -310,15 +348,82 @@ def test_validate_names_the_bad_field(plan, field):
 
 def test_speed_bound_matches_performance_md(large):
     # PERFORMANCE.md: 17 bf16 layers over PCIe 5 (54.3 GB/s) ~ 17 x 8.5 ms = 145 ms.
-    ms = predict_ms_per_frame(large, OffloadPlan(11, "bf16"), 54.3)
+    ms = planner.bound_ms_per_frame(large, OffloadPlan(11, "bf16"), 54.3)
     assert ms == pytest.approx(17 * 466_115_584 / 54.3e9 * 1000)
     assert 144 < ms < 147
     # fp8 at 26 streamed layers: about 26 x 4.3 = 110 ms.
-    assert predict_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
+    assert planner.bound_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
     # Nothing streamed: the resident frame time bounds it.
-    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"]
-    assert predict_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
+    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 88.2
+    assert planner.bound_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
     assert real_time_factor(large, 133.0) == pytest.approx(133.0 / (1000 * 3200 / 24000))
+    for plan in (OffloadPlan(11, "bf16"), OffloadPlan(0, "fp8", 6), OffloadPlan(27, "bf16"), OffloadPlan(20, "fp8", 3)):
+        for link in (12.0, 25.0, 54.3):
+            assert predict_ms_per_frame(large, plan, link) >= planner.bound_ms_per_frame(large, plan, link)
+
+
+def test_resident_frame_table_says_what_is_measured(large, small):
+    assert planner.resident_frame(large).measured and "NVIDIA-H200-20261127.json" in planner.resident_frame(large).source
+    assert not planner.resident_frame(small).measured and "no final 1.5B measurement" in planner.resident_frame(small).source
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H200-20261127.json").read_text())
+    assert round(recorded["t_resident_ms"]["Large"], 1) == planner.RESIDENT_FRAME["Large"].ms
+
+
+def test_ring_simulation():
+    sim = planner.simulate_frame_ms
+    # Nothing streamed: layers then the rest.
+    assert sim(4, 4, 2, 1.0, 10.0, 5.0) == 14.0
+    # Copies far faster than compute: compute-bound, the ring adds nothing.
+    assert sim(4, 0, 2, 1.0, 10.0, 0.01) == pytest.approx(14.0)
+    # Copies far slower: link-bound, k copies per frame back to back.
+    assert sim(4, 0, 4, 1.0, 10.0, 50.0) == pytest.approx(200.0)
+    # A ring of S slots only gets S copies ahead during the 'other' part: depth 1 serialises.
+    serial = sim(4, 0, 1, 1.0, 10.0, 5.0)
+    assert serial == pytest.approx(4 * (5.0 + 1.0) + 10.0 - 5.0)  # only the next frame's first copy overlaps the rest
+    assert sim(4, 0, 2, 1.0, 10.0, 5.0) < serial and sim(4, 0, 4, 1.0, 10.0, 5.0) <= sim(4, 0, 2, 1.0, 10.0, 5.0)
+    # fp8: the staging slot frees when dequantisation ends, before the layer's compute.
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5) == pytest.approx(15.0)  # copies hidden
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=False, dequant_ms=0.5) == pytest.approx(24.0)  # copy waits for compute
+
+
+H200 = Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H200-20261127.json"
+
+
+def _h200_rows():
+    doc = json.loads(H200.read_text())
+    return doc, [r for r in doc["rows"] if r["method"] == "ours"]
+
+
+def _h200_plan(row):
+    n = 28
+    return OffloadPlan(row["resident_layers"], row["stream_dtype"], row["prefetch_depth"], True, row["resident_layers"] < n)
+
+
+def _h200_estimate(large, row):
+    # offload_bench's workload: 2 x 5 s voices, a 341-token prompt, 60 frames; embed_tokens on the host when offloading
+    text = 341 - 2 * math.ceil(120_000 / 3200) - planner.PROMPT_FIXED_TOKENS - 2 * planner.PROMPT_TOKENS_PER_SPEAKER
+    return estimate(large, _h200_plan(row), voice_samples=(120_000, 120_000), max_frames=60, text_tokens=text)
+
+
+def test_estimate_against_the_h200_measurements(large):
+    """The committed H200 run: the engine's resident bytes equal the weight estimate to the
+    byte, and peak reserved VRAM is below the estimate by less than 5%."""
+    _, rows = _h200_rows()
+    assert len(rows) == 7
+    for row in rows:
+        est = _h200_estimate(large, row)
+        assert est.weights == round(row["resident_bytes_gb"] * 1e9), row
+        assert est.host_slabs == round(row["host_slab_gb"] * 1e9), row
+        measured = row["peak_vram_reserved_gb"] * 1e9
+        assert measured <= est.total_vram <= 1.05 * measured, (row["stream_dtype"], row["budget_gb"], est.total_vram / measured)
+
+
+def test_prediction_against_the_h200_measurements(large):
+    """Within 5% of the committed H200 frame times (the issue asks for 15%)."""
+    doc, rows = _h200_rows()
+    for row in rows:
+        predicted = predict_ms_per_frame(large, _h200_plan(row), doc["link_gbps_measured"])
+        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.05), (row["stream_dtype"], row["budget_gb"], predicted)
 
 
 def test_link_bandwidth_without_gpu(monkeypatch):
@@ -436,7 +541,7 @@ def test_table_command(capsys):
     assert args.vram == 8_500_000_000
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "default until measured" in out
+    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 88.2 ms/frame (DEFAULT, not measured" in out
     for name in ["auto", *PRESETS]:
         assert name in out
 

@@ -688,9 +688,31 @@ def _refusal(
             hints.append(f"keep embed_tokens on the host (saves {_gb(model_sizes(config, dtype).embed_tokens)} GB)")
         if plan.prefetch_depth > 2:
             hints.append("use prefetch depth 2")
-        hints.append("use the 1.5B model")
+        if size_name(config) == "Large":
+            hints.append("use the 1.5B model")
         message += "To run: " + ", or ".join(hints) + "."
     return PlanError(message)
+
+
+AUTO_DEPTH_GAIN = 0.01
+"""auto chooses a deeper ring only when it is predicted more than 1% faster: near-ties keep
+the shallower ring and so more resident layers."""
+
+
+def _most_resident(
+    config: VibeVoiceConfig, budget_bytes: int, base: OffloadPlan, dtype: torch.dtype, workload: Workload
+) -> tuple[OffloadPlan, int]:
+    """The plan like `base` with the most resident layers whose estimate fits, and its need.
+    Searches from all-resident downwards: the estimate is not monotone at the top (with
+    fp8, N-1 resident layers need a staging slot and a compute buffer, more than the layer
+    itself; keeping all N drops the ring). Returns the 0-resident plan if nothing fits."""
+    n = config.text_config.num_hidden_layers
+    for resident in range(n, -1, -1):
+        plan = dataclasses.replace(base, resident_layers=resident)
+        need = _estimate_for(config, plan, dtype, workload).total_vram
+        if need <= budget_bytes:
+            break
+    return plan, need
 
 
 def plan_auto(
@@ -698,25 +720,46 @@ def plan_auto(
     budget_bytes: int,
     *,
     stream_dtype: StreamDtype = "bf16",
-    prefetch_depth: int = 2,
+    prefetch_depth: int | None = None,
     pinned: bool = True,
     embed_on_host: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
+    link_gbps: float | None = None,
+    resident_ms: float | None = None,
 ) -> OffloadPlan:
-    """The plan with the most resident layers whose estimate fits `budget_bytes`.
+    """The fastest plan whose estimate fits `budget_bytes`.
 
-    Searches from all-resident downwards: the estimate is not monotone at the top (with
-    fp8, N-1 resident layers need one slot plus its staging buffer, more than the layer
-    itself; keeping all N drops the ring).
+    With `prefetch_depth` given: the most resident layers that fit with that ring.
+
+    With `prefetch_depth=None` (the default) auto also chooses the ring depth: for each
+    depth 2..N, the most resident layers that fit with that ring (its slots' VRAM is in the
+    estimate, so a deeper ring costs resident layers), and of those plans the one
+    `predict_ms_per_frame` rates fastest (a deeper ring must win by AUTO_DEPTH_GAIN). A ring
+    of S slots can only get S layers ahead while the diffusion head and tokenizers run
+    (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at small
+    budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
+    `link_bandwidth_gbps()`, `resident_ms` to the model size's T_resident.
     """
     n = config.text_config.num_hidden_layers
-    for resident in range(n, -1, -1):
-        plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host)
-        need = _estimate_for(config, plan, dtype, workload).total_vram
-        if need <= budget_bytes:
-            return plan
-    raise _refusal(config, plan, need, budget_bytes, dtype, workload, "streaming every decoder layer")
+    first = OffloadPlan(0, stream_dtype, 2 if prefetch_depth is None else prefetch_depth, pinned, embed_on_host)
+    plan, need = _most_resident(config, budget_bytes, first, dtype, workload)
+    if need > budget_bytes:
+        raise _refusal(config, plan, need, budget_bytes, dtype, workload, "streaming every decoder layer")
+    if prefetch_depth is not None or plan.resident_layers == n:
+        return plan
+    link = link_bandwidth_gbps() if link_gbps is None else link_gbps
+    best, best_ms = plan, predict_ms_per_frame(config, plan, link, resident_ms, dtype=dtype)
+    for depth in range(3, n + 1):
+        candidate, need = _most_resident(config, budget_bytes, dataclasses.replace(first, prefetch_depth=depth), dtype, workload)
+        if need > budget_bytes:
+            break  # a deeper ring only needs more
+        if n - candidate.resident_layers < depth:
+            continue  # fewer layers to stream than slots: the same ring as a shallower depth
+        ms = predict_ms_per_frame(config, candidate, link, resident_ms, dtype=dtype)
+        if ms < best_ms * (1 - AUTO_DEPTH_GAIN):
+            best, best_ms = candidate, ms
+    return best
 
 
 def _checked(
@@ -788,9 +831,46 @@ def plan_manual(
 
 LINK_CROSSINGS_PER_FRAME = 1  # m: our loop passes both CFG branches through a layer at once
 
-# T_resident: frame time with every layer on the GPU. DEFAULTS UNTIL MEASURED on the
-# project's own frame loop; replace with measurements (pass resident_ms).
-DEFAULT_RESIDENT_MS = {"1.5B": 30.0, "Large": 40.0}
+
+@dataclass(frozen=True)
+class ResidentFrame:
+    """T_resident: the frame time with every decoder layer on the GPU."""
+
+    ms: float
+    measured: bool
+    source: str
+
+
+RESIDENT_FRAME = {
+    "Large": ResidentFrame(
+        88.2, True,
+        "NVIDIA H200, this project's frame loop, 10 steps, cfg 1.3, median of 60 frames; "
+        "bench/results/NVIDIA-H200-20261127.json",
+    ),
+    "1.5B": ResidentFrame(
+        88.2, False,
+        "no final 1.5B measurement exists; Large's H200 figure, since the loop is launch-bound, not "
+        "weight-bound: the same 28 layers and about the same kernel launches per frame (4,464 for 1.5B in "
+        "run0, 4,721 for Large)",
+    ),
+}
+"""T_resident per released size. Large is measured; 1.5B has no final measurement yet
+(`bench/planner_accuracy.py` records one per card under "t_resident_ms")."""
+DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
+
+# What the ring sees of a resident frame. Synchronised stage timers put the decoder pass
+# at 51% of a Large frame (40.8 of 79.7 ms), but they serialise host and GPU; in the free
+# running loop the host queues the decoder pass far ahead and the launch-bound diffusion
+# head and tokenizers dominate. Fitted to the six offloaded rows of the H200 run
+# (bench/results/NVIDIA-H200-20261127.json: bf16 and fp8, depth 4-14, 0-9 resident):
+# all within 4.3% with 0.26; checked on the six held-out depth-2 rows of
+# NVIDIA-H200-20261127-run1-depth2.json (another machine, T_resident 130 ms): within 11%.
+DECODER_SHARE_OF_RESIDENT_FRAME = 0.26
+# fp8 streaming dequantises each streamed layer on the compute stream before it runs
+# (gpu_slots.run_ops: a copy and a multiply per Linear). Measured on the H200 where the
+# copies were fully hidden (Large, fp8, 8 resident, depth 14: 0.16 ms of copy waits per
+# frame): (116.5 - 88.2) ms / 20 streamed layers / 0.466 GB per model-dtype layer.
+FP8_DEQUANT_MS_PER_GB = 3.0
 
 # Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
 # 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
@@ -807,10 +887,95 @@ def frame_ms(config: VibeVoiceConfig) -> float:
     return 1000 * hop_length(config) / SAMPLE_RATE
 
 
-def default_resident_ms(config: VibeVoiceConfig) -> float:
-    """DEFAULT_RESIDENT_MS for the model size; unknown sizes get the slower default."""
+def size_name(config: VibeVoiceConfig) -> str | None:
+    """"1.5B" or "Large" for the released shapes, else None."""
     tc = config.text_config
-    return DEFAULT_RESIDENT_MS.get(_SIZE_BY_SHAPE.get((tc.hidden_size, tc.num_hidden_layers), ""), max(DEFAULT_RESIDENT_MS.values()))
+    return _SIZE_BY_SHAPE.get((tc.hidden_size, tc.num_hidden_layers))
+
+
+def resident_frame(config: VibeVoiceConfig) -> ResidentFrame:
+    """RESIDENT_FRAME for the model size; other shapes get Large's figure, labelled a default."""
+    frame = RESIDENT_FRAME.get(size_name(config) or "")
+    if frame is not None:
+        return frame
+    large = RESIDENT_FRAME["Large"]
+    return ResidentFrame(large.ms, False, f"an unreleased shape: Large's figure ({large.source})")
+
+
+def default_resident_ms(config: VibeVoiceConfig) -> float:
+    return resident_frame(config).ms
+
+
+def simulate_frame_ms(
+    num_layers: int,
+    resident: int,
+    depth: int,
+    layer_ms: float,
+    other_ms: float,
+    copy_ms: float,
+    *,
+    staged: bool = False,
+    dequant_ms: float = 0.0,
+    frames: int = 10,
+    warmup: int = 4,
+) -> float:
+    """Steady-state ms per frame of the engine's slot ring, by a small event simulation.
+
+    Per frame: decoder layers 0..num_layers-1 (the last `num_layers - resident` streamed),
+    each `layer_ms` of compute, then `other_ms` (diffusion head, tokenizers, sampling).
+    Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
+    layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
+    slot is free: bf16, when the layer copied into it by copy j - S has finished; fp8
+    (`staged`), when that layer's dequantisation (`dequant_ms`, on the compute stream just
+    before the layer) has finished. A streamed layer starts when the compute stream is free
+    and its copy is done. So a ring of S slots can only get S layers ahead while the
+    diffusion head and tokenizers run: shallow rings leave the link idle there.
+    """
+    streamed = num_layers - resident
+    if streamed <= 0:
+        return num_layers * layer_ms + other_ms
+    depth = min(depth, streamed)
+    copy_engine_free = 0.0
+    slot_free = [0.0] * depth
+    copy_done: list[float] = []
+    t = 0.0
+    starts = []
+    for frame in range(frames):
+        starts.append(t)
+        for layer in range(num_layers):
+            if layer < resident:
+                t += layer_ms
+                continue
+            j = frame * streamed + layer - resident  # this layer's copy in the global order
+            while len(copy_done) < j + depth:  # the ring runs `depth` copies ahead
+                c = len(copy_done)
+                begin = max(copy_engine_free, slot_free[c % depth])
+                copy_engine_free = begin + copy_ms
+                copy_done.append(copy_engine_free)
+            start = max(t, copy_done[j])
+            dequantised = start + dequant_ms
+            t = dequantised + layer_ms
+            slot_free[j % depth] = dequantised if staged else t
+        t += other_ms
+    return (t - starts[warmup]) / (frames - warmup)
+
+
+def bound_ms_per_frame(
+    config: VibeVoiceConfig,
+    plan: OffloadPlan,
+    link_gbps: float,
+    resident_ms: float | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """PERFORMANCE.md's lower bound max(m x streamed link bytes / B, T_resident), in ms."""
+    if link_gbps <= 0:
+        raise ValueError(f"link_gbps must be positive, got {link_gbps}")
+    sizes = model_sizes(config, dtype)
+    n = config.text_config.num_hidden_layers
+    link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
+    transfer_ms = LINK_CROSSINGS_PER_FRAME * link_bytes / (link_gbps * GB) * 1000
+    return max(transfer_ms, default_resident_ms(config) if resident_ms is None else resident_ms)
 
 
 def predict_ms_per_frame(
@@ -821,15 +986,27 @@ def predict_ms_per_frame(
     *,
     dtype: torch.dtype = torch.bfloat16,
 ) -> float:
-    """max(m x sum of streamed layers' link bytes / B, T_resident) in ms, assuming copies
-    fully overlap compute (the ring's purpose); `resident_ms` defaults per model size."""
+    """Predicted ms per frame: `simulate_frame_ms` of the plan's ring, with T_resident
+    (`resident_ms`, default per model size) split into decoder layers
+    (DECODER_SHARE_OF_RESIDENT_FRAME) and the rest, copies of each streamed layer's link
+    bytes at `link_gbps`, and for fp8 the dequantisation (FP8_DEQUANT_MS_PER_GB of the
+    model-dtype layer). Never below `bound_ms_per_frame`."""
     if link_gbps <= 0:
         raise ValueError(f"link_gbps must be positive, got {link_gbps}")
-    sizes = model_sizes(config, dtype)
+    t_resident = default_resident_ms(config) if resident_ms is None else resident_ms
     n = config.text_config.num_hidden_layers
-    link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
-    transfer_ms = LINK_CROSSINGS_PER_FRAME * link_bytes / (link_gbps * GB) * 1000
-    return max(transfer_ms, default_resident_ms(config) if resident_ms is None else resident_ms)
+    sizes = model_sizes(config, dtype)
+    layer_ms = DECODER_SHARE_OF_RESIDENT_FRAME * t_resident / n
+    streamed = range(plan.resident_layers, n)
+    if not streamed:
+        return t_resident
+    link = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
+    dequant_ms = FP8_DEQUANT_MS_PER_GB * max(sizes.layers[i] for i in streamed) / GB if plan.fp8 else 0.0
+    simulated = simulate_frame_ms(
+        n, plan.resident_layers, plan.prefetch_depth, layer_ms, t_resident - n * layer_ms,
+        LINK_CROSSINGS_PER_FRAME * link / (link_gbps * GB) * 1000, staged=plan.fp8, dequant_ms=dequant_ms,
+    )
+    return max(simulated, bound_ms_per_frame(config, plan, link_gbps, t_resident, dtype=dtype))
 
 
 def real_time_factor(config: VibeVoiceConfig, ms_per_frame: float) -> float:
@@ -894,6 +1071,7 @@ class PlanRow:
     ms_per_frame: float
     rtf: float
     note: str = ""
+    prefetch_depth: int = 2
 
 
 def plan_table(
@@ -903,14 +1081,15 @@ def plan_table(
     *,
     link_gbps: float | None = None,
     resident_ms: float | None = None,
-    prefetch_depth: int = 2,
+    prefetch_depth: int | None = None,
     pinned: bool = True,
     embed_on_host: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
 ) -> list[PlanRow]:
     """One row for auto and one per preset. A mode that does not fit the budget is listed
-    with the note "does not fit (needs X GB)" (auto then shows the minimum plan)."""
+    with the note "does not fit (needs X GB)" (auto then shows the minimum plan).
+    `prefetch_depth=None`: auto chooses its ring depth, presets use depth 2."""
     n = config.text_config.num_hidden_layers
     link = link_bandwidth_gbps() if link_gbps is None else link_gbps
 
@@ -927,25 +1106,30 @@ def plan_table(
             ms_per_frame=ms,
             rtf=real_time_factor(config, ms),
             note="" if fits else f"does not fit (needs {_gb(est.total_vram)} GB)",
+            prefetch_depth=min(plan.prefetch_depth, n - plan.resident_layers),
         )
 
-    options = dict(stream_dtype=stream_dtype, prefetch_depth=prefetch_depth, pinned=pinned, embed_on_host=embed_on_host)
+    options = dict(stream_dtype=stream_dtype, pinned=pinned, embed_on_host=embed_on_host)
+    depth = 2 if prefetch_depth is None else prefetch_depth
     try:
-        auto = plan_auto(config, budget_bytes, dtype=dtype, workload=workload, **options)
+        auto = plan_auto(
+            config, budget_bytes, dtype=dtype, workload=workload, prefetch_depth=prefetch_depth,
+            link_gbps=link, resident_ms=resident_ms, **options,
+        )
     except PlanError:
-        auto = OffloadPlan(0, **options)
+        auto = OffloadPlan(0, prefetch_depth=depth, **options)
     rows = [row("auto", auto)]
     for name in PRESETS:
-        rows.append(row(name, OffloadPlan(preset_resident_layers(name, n), **options)))
+        rows.append(row(name, OffloadPlan(preset_resident_layers(name, n), prefetch_depth=depth, **options)))
     return rows
 
 
 def format_table(rows: Sequence[PlanRow]) -> str:
-    header = ("mode", "resident", "streamed", "VRAM GB", "host RAM GB", "ms/frame", "RTF", "note")
+    header = ("mode", "resident", "streamed", "depth", "VRAM GB", "host RAM GB", "ms/frame", "RTF", "note")
     cells = [header] + [
         (
-            r.mode, str(r.resident_layers), str(r.streamed_layers), _gb(r.vram_bytes), _gb(r.host_ram_bytes),
-            f"{r.ms_per_frame:.1f}", f"{r.rtf:.2f}", r.note,
+            r.mode, str(r.resident_layers), str(r.streamed_layers), str(r.prefetch_depth) if r.streamed_layers else "-",
+            _gb(r.vram_bytes), _gb(r.host_ram_bytes), f"{r.ms_per_frame:.1f}", f"{r.rtf:.2f}", r.note,
         )
         for r in rows
     ]
@@ -1000,6 +1184,12 @@ def add_table_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
+def _resident_line(config: VibeVoiceConfig) -> str:
+    frame = resident_frame(config)
+    kind = "measured" if frame.measured else "DEFAULT, not measured"
+    return f"T_resident {frame.ms:.1f} ms/frame ({kind}: {frame.source})"
+
+
 def run_table_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.model)[0] if args.model else load_size_config(args.size or "Large")
@@ -1023,7 +1213,7 @@ def run_table_command(args: argparse.Namespace) -> int:
         f"{model_label(config)}, budget {_gb(budget)} GB ({budget_source}), stream {args.stream_dtype}, "
         f"link {link:.1f} GB/s ({link_source}), {args.minutes:g} min of audio "
         f"({workload.max_frames} frames)\n"
-        f"T_resident {default_resident_ms(config):.0f} ms/frame is a default until measured; "
+        f"{_resident_line(config)}; auto chooses its ring depth, presets use depth 2; "
         f"RTF = ms/frame / {frame_ms(config):.2f}"
     )
     print(format_table(rows))
