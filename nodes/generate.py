@@ -36,6 +36,8 @@ def format_stats(s: dict) -> str:
         f"weights on device {s['weights_on_device_bytes'] / gb:.3f} GB, run estimate {s['run_memory_estimate_bytes'] / gb:.3f} GB",
         f"load {s['load_s']:.2f} s ({'already loaded' if s['was_loaded'] else 'loaded for this run'})",
     ]
+    if "peak_vram_bytes" in s:
+        lines.append(f"peak VRAM {s['peak_vram_bytes'] / gb:.3f} GB allocated, {s['peak_vram_reserved_bytes'] / gb:.3f} GB reserved")
     engine = s.get("engine")
     if isinstance(engine, dict) and engine.get("offload_streamed_layers"):
         line = (

@@ -178,6 +178,9 @@ class FrameLoop:
         # Only four tokens can ever be chosen: a 4-row slice of lm_head replaces the full head.
         allowed = torch.tensor(self.allowed)
         head_rows = self.model.lm_head.weight[allowed.to(self.model.lm_head.weight.device)].to(self.device, self.dtype)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:  # peak VRAM of this run (process-wide counters, as torch keeps them)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
 
         ids = prompt.input_ids
@@ -250,4 +253,7 @@ class FrameLoop:
             "seed": settings.seed,
         }
         stats["rtf"] = stats["ms_per_frame"] / (hop / SAMPLE_RATE * 1000)
+        if on_cuda:
+            stats["peak_vram_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            stats["peak_vram_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return GenerationResult(waveform, SAMPLE_RATE, stats)
