@@ -191,3 +191,60 @@ def test_estimate_against_cuda_allocations(folders, plan):
         assert est.weights <= grown < est.weights + 512 * tensors
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------ the `bench` command on a CPU
+
+
+def _bench(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "vibevoice_offload", "bench", *args], cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("how", [
+    ("--layers", "2", "--stream-dtype", "fp8", "--prefetch-depth", "3"),
+    ("--auto", "--vram", "1GB"),
+])
+def test_bench_command_prints_estimate_and_measurement(tiny_model_dir, tmp_path, how):
+    import json
+
+    from vibevoice_offload.bench_case import ROW_KEYS
+
+    out = tmp_path / "row.json"
+    run = _bench(*how, "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--frames", "6",
+                 "--voice-seconds", "0.01", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    header = next(line for line in lines if "estimate" in line)
+    assert header.split() == ["estimate", "measured", "measured/estimate"]
+    rows = {line.split("  ")[0]: line.split() for line in lines}
+    assert rows["device weights GB"][-1] == rows["host slabs GB"][-1] == "1.000"  # exact on any device
+    assert rows["peak VRAM reserved GB"][-1] == "n/a"  # nothing to measure on a CPU
+    ms = rows["ms per frame"]
+    assert float(ms[-3]) > 0 and float(ms[-2]) > 0  # predicted, measured
+    row = json.loads(out.read_text())
+    assert set(ROW_KEYS) <= set(row)
+    assert row["mode"] == ("manual" if "--layers" in how else "auto")
+    assert row["stream_dtype"] == ("fp8" if "--layers" in how else "bf16")
+    assert row["budget_gb"] == (None if "--layers" in how else 1.0)
+    assert row["measured_peak_reserved_gb"] is None and row["estimated_vram_gb"] > 0
+    assert row["measured_ms_per_frame"] > 0 and row["predicted_ms_per_frame"] > 0 and row["frames"] == 6
+    assert row["weights_exact"] and row["host_slabs_exact"]
+    if "--layers" in how:
+        assert (row["resident_layers"], row["streamed_layers"], row["prefetch_depth"]) == (2, 2, 2)  # ring: min(3, 2)
+    else:
+        assert row["resident_layers"] == 4  # 1 GB holds the tiny model whole
+
+
+def test_bench_command_errors_are_one_line(tiny_model_dir):
+    run = _bench("--auto", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32")
+    assert run.returncode == 2 and run.stderr.strip() == "error: auto needs a VRAM budget (--vram)"
+    run = _bench("--preset", "light", "--model", str(tiny_model_dir), "--device", "cpu", "--vram", "1MB")
+    assert run.returncode == 2 and "needs" in run.stderr and "budget is 0.001 GB" in run.stderr
+    run = _bench("--layers", "2", "--auto")
+    assert run.returncode == 2 and "not allowed with argument" in run.stderr
+

@@ -1,4 +1,4 @@
-"""`python -m vibevoice_offload generate | demo | table`."""
+"""`python -m vibevoice_offload generate | demo | table | bench`."""
 
 from __future__ import annotations
 
@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(demo, 4.0)
     demo.set_defaults(func=cmd_demo)
 
+    from .bench_case import add_bench_command
     from .planner import add_table_command
 
     add_table_command(commands)
+    add_bench_command(commands)
     return parser
 
 

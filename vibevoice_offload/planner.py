@@ -637,7 +637,9 @@ def parse_vram(text: str) -> int:
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / GB:.2f}"
+    """GB with 2 decimals; 3 below 1 GB (tiny test models), so 'needs X but the budget is Y'
+    never prints the same number twice for different amounts."""
+    return f"{nbytes / GB:.2f}" if nbytes >= GB else f"{nbytes / GB:.3f}"
 
 
 # --------------------------------------------------------------------------------------
