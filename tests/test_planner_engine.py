@@ -248,3 +248,30 @@ def test_bench_command_errors_are_one_line(tiny_model_dir):
     run = _bench("--layers", "2", "--auto")
     assert run.returncode == 2 and "not allowed with argument" in run.stderr
 
+
+def test_planner_accuracy_quick_runs_end_to_end(tmp_path):
+    """bench/planner_accuracy.py --device cpu --quick: every mode, both stream dtypes, three
+    budgets scaled to a tiny model; the JSON has the issue's keys in every row."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vibevoice_offload.bench_case import ROW_KEYS
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "bench/planner_accuracy.py", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = tmp_path.glob("cpu-*-planner-quick.json")
+    doc = json.loads(path.read_text())
+    assert {"card", "link_gbps", "t_resident_ms", "summary", "rows"} <= set(doc)
+    rows = doc["rows"]
+    assert all(set(ROW_KEYS) <= set(r) for r in rows)
+    measured = [r for r in rows if r["measured_ms_per_frame"]]
+    refused = [r for r in rows if r.get("does_not_fit")]
+    assert refused and measured
+    assert {(r["mode"], r["stream_dtype"]) for r in rows} >= {(m, d) for m in ("auto", "light", "extreme") for d in ("bf16", "fp8")}
+    assert len({r["budget_gb"] for r in rows if r["mode"] != "no-offload"}) == 3
+    assert all(r["weights_exact"] and r["host_slabs_exact"] for r in measured)
+    assert doc["summary"]["cases_failed"] == []
