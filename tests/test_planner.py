@@ -437,9 +437,9 @@ def test_link_bandwidth_cache_is_keyed_by_gpu_name(monkeypatch, tmp_path):
     cache.write_text(json.dumps({"Some GPU": 13.5, "Fake GPU": 31.25}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(planner, "_measure_link_gbps", lambda: pytest.fail("measured despite a cached value"))
+    monkeypatch.setattr(planner, "measure_link_gbps", lambda: pytest.fail("measured despite a cached value"))
     assert link_bandwidth_gbps(cache_file=cache) == 31.25
-    monkeypatch.setattr(planner, "_measure_link_gbps", lambda: 40.0)
+    monkeypatch.setattr(planner, "measure_link_gbps", lambda: 40.0)
     assert link_bandwidth_gbps(cache_file=cache, refresh=True) == 40.0
     assert json.loads(cache.read_text()) == {"Some GPU": 13.5, "Fake GPU": 40.0}
 

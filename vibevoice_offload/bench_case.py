@@ -177,22 +177,12 @@ def timed_frames(loop, prompt, frames: int, *, steps: int = STEPS, cfg: float = 
 
 
 def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Pinned host -> device GB/s on the current CUDA device, median of `repeats` copies."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    host.fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dev.copy_(host, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del host, dev
+    """The benchmarks' link figure: `planner.measure_link_gbps` over 1 GiB, median of 7, then
+    the probe's device and pinned blocks given back so no case starts with them cached."""
+    gbps = planner.measure_link_gbps(nbytes, repeats)
     torch.cuda.empty_cache()
     empty_host_cache()
-    return nbytes / (statistics.median(times[1:]) * 1e6)
+    return gbps
 
 
 def empty_host_cache() -> None:
