@@ -11,8 +11,9 @@ speech-frame token always wins (every step is a real frame: LLM, diffusion head,
 acoustic decoder, semantic encoder).
 
 Budgets are emulated with `torch.cuda.set_per_process_memory_fraction` and, for this
-project, the planner's plan for that budget (`plan_auto`, embed_tokens on the host). The
-peers get the same decoder layers resident as our bf16 plan at that budget.
+project, the planner's plan for that budget (`plan_auto`, embed_tokens on the host; it
+chooses the ring depth too, rating plans with this run's link and T_resident). The peers
+get the decoder layers resident that our bf16 plan with a depth-2 ring keeps at that budget.
 
 Writes <out>/<card>-<yyyymmdd>.json (rows, card, measured pinned H2D bandwidth), a PNG
 plot next to it, and a log. Each row is written as soon as its case ends.
@@ -24,10 +25,8 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import re
-import statistics
 import sys
 import threading
 import time
@@ -41,9 +40,19 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-GB = 1e9
+from vibevoice_offload.bench_case import (  # noqa: E402
+    bench_prompt,
+    build_random_model,
+    empty_host_cache,
+    measure_h2d_gbps,
+    prompt_workload,
+    timed_frames,
+    vram_budget,
+    warm_libraries,
+)
+from vibevoice_offload.planner import GB  # noqa: E402
+
 FRAME_MS = 3200 / 24000 * 1000  # 133.3 ms of audio per frame
-SCRIPT = "Speaker 1: Hello, how are you today?\nSpeaker 2: Fine, thank you!"
 BUDGETS = {"Large": [None, 12, 8, 6], "1.5B": [None, 4, 3]}
 
 
@@ -85,138 +94,9 @@ class RssPeak:
         self.peak = max(self.peak, rss_bytes())
 
 
-def empty_host_cache() -> None:
-    """Give PyTorch's cached pinned blocks back (pin_memory() and pinned empties are cached)."""
-    try:
-        torch._C._host_emptyCache()
-    except Exception:  # noqa: BLE001 - older torch
-        pass
-
-
-def warm_libraries() -> None:
-    """Load cuBLAS, cuDNN and the attention kernels before host RAM is baselined."""
-    x = torch.randn(2, 8, 16, 64, device="cuda", dtype=torch.bfloat16)
-    torch.nn.functional.scaled_dot_product_attention(x, x, x)
-    torch.nn.functional.conv1d(torch.randn(1, 4, 32, device="cuda"), torch.randn(4, 4, 3, device="cuda"))
-    torch.randn(64, 64, device="cuda") @ torch.randn(64, 64, device="cuda")
-    torch.cuda.synchronize()
-
-
-def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Pinned host -> device bandwidth, median of `repeats` copies of `nbytes`."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    host.fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dev.copy_(host, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del host, dev
-    torch.cuda.empty_cache()
-    empty_host_cache()
-    return nbytes / (statistics.median(times[1:]) * 1e6)
-
-
 # ---------------------------------------------------------------------------------------------
-# the model at real shapes, random weights, always speaking
+# what the peers run under
 # ---------------------------------------------------------------------------------------------
-
-def build_model(config, seed: int = 0):
-    """VibeVoice at `config`'s shapes in host memory, bf16, random weights drawn on the GPU."""
-    from transformers import VibeVoiceForConditionalGeneration
-
-    from vibevoice_offload.checkpoint import _materialise_computed_buffers
-
-    with torch.device("meta"):
-        model = VibeVoiceForConditionalGeneration(config)
-    model.eval()
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    for name, module in model.named_modules():
-        for attr, p in list(module._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            full = f"{name}.{attr}"
-            if "norm" in full and attr == "weight" or full.endswith("act.weight") or "gamma" in attr or "scaling_factor" in full:
-                host = torch.ones(p.shape, dtype=torch.bfloat16)
-            elif "bias_factor" in full:
-                host = torch.zeros(p.shape, dtype=torch.bfloat16)
-            else:
-                fan_in = max(p.numel() // max(p.shape[0], 1), 1) if p.dim() > 1 else 0
-                std = 1.0 / math.sqrt(fan_in) if fan_in else 0.02
-                if "embed_tokens" in full or "lm_head" in full:
-                    std = 0.02
-                host = (torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.bfloat16) * std).cpu()
-            module._parameters[attr] = nn.Parameter(host, requires_grad=False)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    _materialise_computed_buffers(model)
-    speak(model)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    return model
-
-
-def speak(model) -> None:
-    """Hidden channel 0 carries a constant no decoder layer writes; only the speech-frame row of
-    the (4-row) head reads it strongly, so every step is a frame (as synthetic.make_speaking, also
-    for a tied head)."""
-    cfg = model.config
-    lm = model.model.language_model
-    allowed = [cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id]
-    with torch.no_grad():
-        lm.embed_tokens.weight[:, 0] = 1.0
-        for projector in (model.model.multi_modal_projector, model.model.semantic_connector):
-            projector.linear_2.weight[0, :] = 0.0
-            projector.linear_2.bias[0] = 0.5
-        for layer in lm.layers:
-            layer.self_attn.o_proj.weight[0, :] = 0.0
-            layer.mlp.down_proj.weight[0, :] = 0.0
-        lm.norm.weight[0] = 1.0
-        head = model.lm_head.weight
-        for token in allowed:
-            head[token].zero_()
-            head[token, 0] = 1.0
-        head[cfg.audio_token_id, 0] = 4.0
-
-
-def make_prompt(config):
-    import tempfile
-
-    from transformers import PreTrainedTokenizerFast
-
-    from vibevoice_offload.prompt import build_prompt
-    from vibevoice_offload.synthetic import write_tokenizer
-
-    tok_dir = write_tokenizer(Path(tempfile.mkdtemp()) / "tok")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>")
-    g = torch.Generator().manual_seed(7)
-    voices = {1: (torch.randn(1, 5 * 24000, generator=g) * 0.1, 24000), 2: (torch.randn(1, 5 * 24000, generator=g) * 0.1, 24000)}
-    return build_prompt(tokenizer, config, SCRIPT, voices)
-
-
-# ---------------------------------------------------------------------------------------------
-# running one generation and timing its frames
-# ---------------------------------------------------------------------------------------------
-
-def timed_run(loop, prompt, frames: int, steps: int = 10, cfg: float = 1.3, skip: int = 3) -> dict:
-    from vibevoice_offload.frame_loop import GenerationSettings
-
-    stamps: list[float] = []
-
-    def on_frame(i, cap, chunk):
-        stamps.append(time.perf_counter())
-
-    result = loop.run(prompt, GenerationSettings(cfg=cfg, steps=steps, seed=1, max_frames=frames), on_frame)
-    deltas = [b - a for a, b in zip(stamps, stamps[1:])]
-    body = deltas[skip:] if len(deltas) > skip + 2 else deltas
-    ms = statistics.median(body) * 1000 if body else float("nan")
-    return {"ms_per_frame": ms, "frames": result.stats["frames"], "tokens": result.stats["tokens"],
-            "prefill_ms": result.stats["prefill_ms"], "mean_ms_per_frame": result.stats["ms_per_frame"]}
-
 
 class PeerExecutor:
     """What the peers run under: weights where their hooks put them; the acoustic encoder is
@@ -272,80 +152,6 @@ def place_for_peer(model, resident_layers: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# choosing the ring depth for a budget
-# ---------------------------------------------------------------------------------------------
-
-def simulate_frame_ms(n: int, resident: int, depth: int, t_layer: float, t_other: float, copy_ms: float, staged: bool, frames: int = 6) -> float:
-    """Steady-state frame time of the ring, by a small event simulation: layers 0..n-1 (the
-    last n-resident streamed), each t_layer of compute, then t_other (diffusion head,
-    tokenizers); copies of copy_ms run in order on one copy engine, copy j into slot j % depth
-    once copy j - depth's slot is free (fp8: when that layer starts, its dequantisation frees
-    the staging slot; bf16: when it ends)."""
-    k = n - resident
-    if k == 0:
-        return n * t_layer + t_other
-    depth = min(depth, k)
-    copy_free = 0.0
-    slot_free = [0.0] * depth
-    done: list[float] = []  # completion time of copy j
-    issued = 0
-    t = 0.0
-    starts = []
-    for _ in range(frames):
-        starts.append(t)
-        for layer in range(n):
-            if layer >= resident:
-                # issue copies up to `depth` ahead of the layer being computed
-                while issued < (len(starts) - 1) * k + (layer - resident) + depth:
-                    s = issued % depth
-                    begin = max(copy_free, slot_free[s])
-                    copy_free = begin + copy_ms
-                    done.append(copy_free)
-                    issued += 1
-                j = (len(starts) - 1) * k + (layer - resident)
-                start = max(t, done[j])
-                slot = j % depth
-                t = start + t_layer
-                slot_free[slot] = start if staged else t
-            else:
-                t += t_layer
-        t += t_other
-    return (t - starts[2]) / (frames - 2)
-
-
-def choose_plan(config, budget_gb: float, dtype: str, workload, t_res: float, t_layer: float, link_gbps: float):
-    """The (resident layers, ring depth) that fits the budget with the lowest simulated frame
-    time. VRAM from the planner's estimate with the ring replaced by the engine's real ring
-    (bf16: depth x layer; fp8: depth x fp8 layer + one model-dtype compute buffer)."""
-    from vibevoice_offload.plan import OffloadPlan
-    from vibevoice_offload.planner import estimate, model_sizes
-
-    sizes = model_sizes(config)
-    n = config.text_config.num_hidden_layers
-    w_native, w_stream = sizes.layers[0], sizes.stream_bytes(0, dtype)
-    copy_ms = w_stream / (link_gbps * GB) * 1000
-    t_other = max(t_res - n * t_layer, 0.0)
-    best = None
-    for depth in range(2, n + 1):
-        for resident in range(n, -1, -1):
-            plan = OffloadPlan(resident, dtype, depth, True, True)
-            est = estimate(config, plan, voice_samples=workload.voice_samples, max_frames=workload.max_frames, text_tokens=workload.text_tokens)
-            k = n - resident
-            ring = 0 if k == 0 else (min(depth, k) * w_native if dtype == "bf16" else min(depth, k) * w_stream + w_native)
-            need = est.total_vram - est.slots * 1.05 + ring * 1.05
-            if need <= budget_gb * GB:
-                break
-        else:
-            continue
-        if n - resident < depth and depth > 2:
-            continue
-        predicted = simulate_frame_ms(n, resident, depth, t_layer, t_other, copy_ms, dtype == "fp8")
-        if best is None or predicted < best[0] - 0.5:
-            best = (predicted, plan)
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
 
@@ -354,8 +160,8 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.card = torch.cuda.get_device_name()
-        self.total_vram = torch.cuda.get_device_properties(0).total_memory
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.card = torch.cuda.get_device_name(self.device)
         self.date = datetime.date.today().strftime("%Y%m%d")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.card).strip("-")
         self.json_path = self.out / f"{slug}-{self.date}.json"
@@ -379,12 +185,10 @@ class Bench:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        fraction = min(1.0, budget_gb * GB / self.total_vram) if budget_gb else 1.0
-        torch.cuda.set_per_process_memory_fraction(fraction)
         row = {"model": model_name, "method": method, "stream_dtype": stream_dtype, "budget_gb": budget_gb or "full"}
         start = time.perf_counter()
         try:
-            with RssPeak() as peak:
+            with vram_budget(self.device, round(budget_gb * GB) if budget_gb else None), RssPeak() as peak:
                 res = fn()
             row.update(res)
         except Exception as exc:  # noqa: BLE001 - a peer that fails is a result too
@@ -393,7 +197,6 @@ class Bench:
             peak = None
         finally:
             torch.cuda.synchronize()
-            torch.cuda.set_per_process_memory_fraction(1.0)
         row["wall_s"] = round(time.perf_counter() - start, 1)
         k = row.pop("k", k)
         row["streamed_layers"] = k
@@ -423,25 +226,27 @@ class Bench:
         log("ROW", json.dumps(brief))
         return row
 
+    def fresh_model(self, config):
+        """A new random model at `config`'s shapes and its bytes; host RAM is baselined just
+        before it is built (host_ram_vs_model)."""
+        gc.collect()
+        empty_host_cache()
+        self.rss_before_model = rss_bytes()
+        model = build_random_model(config, draw_on="cuda")
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+        return model, sum(t.numel() * t.element_size() for t in tensors)
+
     # -- this project --------------------------------------------------------------------------
     def ours(self, size, config, prompt) -> dict[int, int]:
         from vibevoice_offload.frame_loop import FrameLoop
         from vibevoice_offload.offload import OffloadEngine
         from vibevoice_offload.plan import OffloadPlan
-        from vibevoice_offload.planner import PlanError, Workload, plan_auto
+        from vibevoice_offload.planner import PlanError, plan_auto, predict_ms_per_frame
 
         n = config.text_config.num_hidden_layers
-        from vibevoice_offload.planner import PROMPT_FIXED_TOKENS, PROMPT_TOKENS_PER_SPEAKER
-
-        voice_frames = 2 * math.ceil(5 * 24000 / 3200)
-        text_tokens = prompt.length - voice_frames - PROMPT_FIXED_TOKENS - 2 * PROMPT_TOKENS_PER_SPEAKER
-        workload = Workload(voice_samples=(5 * 24000, 5 * 24000), max_frames=self.args.frames + 2, text_tokens=text_tokens)
+        workload = prompt_workload(config, prompt, self.args.frames + 2)
         resident_for_budget: dict[int, int] = {}
-        gc.collect()
-        empty_host_cache()
-        self.rss_before_model = rss_bytes()
-        model = build_model(config)
-        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        model, model_bytes = self.fresh_model(config)
         for dtype in self.args.dtypes:
             engine = None
             for budget in BUDGETS[size]:
@@ -452,23 +257,26 @@ class Bench:
                     plan = OffloadPlan(n, dtype)
                 else:
                     if dtype == "bf16":
-                        try:  # the peers get the default plan's residency (depth 2: room for their onload buffers)
-                            resident_for_budget[budget] = plan_auto(config, int(budget * GB), stream_dtype="bf16", embed_on_host=True, workload=workload).resident_layers
+                        try:  # the peers get the depth-2 plan's residency (room for their onload buffers)
+                            resident_for_budget[budget] = plan_auto(
+                                config, int(budget * GB), stream_dtype="bf16", prefetch_depth=2, embed_on_host=True, workload=workload,
+                            ).resident_layers
                         except PlanError:
                             resident_for_budget[budget] = 0
+                    # auto picks (resident layers, ring depth) by its ring simulation, with this run's link and
+                    # T_resident (the planner's table until the full-budget case has run); --no-deep: depth 2
                     t_res = self.t_resident.get(size)
-                    t_layer = self.extra.get(f"breakdown_{size}_resident", {}).get("decoder_pass", 0.0) / n
-                    chosen = choose_plan(config, budget, dtype, workload, t_res or 100.0, t_layer or 1.5, self.link) if self.args.deep else None
-                    if chosen is not None:
-                        predicted, plan = chosen
-                    else:
-                        try:
-                            plan = plan_auto(config, int(budget * GB), stream_dtype=dtype, embed_on_host=True, workload=workload)
-                        except PlanError as exc:
-                            self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
-                            self.write()
-                            log("ROW", size, "ours", dtype, budget, "PlanError", exc)
-                            continue
+                    try:
+                        plan = plan_auto(
+                            config, int(budget * GB), stream_dtype=dtype, prefetch_depth=None if self.args.deep else 2,
+                            embed_on_host=True, workload=workload, link_gbps=self.link, resident_ms=t_res,
+                        )
+                    except PlanError as exc:
+                        self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
+                        self.write()
+                        log("ROW", size, "ours", dtype, budget, "PlanError", exc)
+                        continue
+                    predicted = predict_ms_per_frame(config, plan, self.link, t_res)
                 if engine is None:
                     engine = OffloadEngine(model, plan, "cuda")
                 else:
@@ -478,7 +286,7 @@ class Bench:
 
                 def run(engine=engine):
                     engine.load()
-                    res = timed_run(FrameLoop(model, engine), prompt, self.args.frames)
+                    res = timed_frames(FrameLoop(model, engine), prompt, self.args.frames)
                     stats = engine.stats()
                     res["link_gbps"] = stats.get("offload_link_gbps") or None
                     res["copy_ms_per_frame"] = stats.get("offload_copy_ms", 0) / max(stats["offload_passes"], 1)
@@ -532,7 +340,7 @@ class Bench:
         core.semantic_tokenizer_encoder.forward = timed("semantic_encoder", sem_fwd)
         frames = 20
         try:
-            res = timed_run(loop, prompt, frames)
+            res = timed_frames(loop, prompt, frames)
         finally:
             del core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
         per_frame = {k: v * 1000 / frames for k, v in spent.items()}
@@ -542,7 +350,7 @@ class Bench:
 
         loop2 = FrameLoop(model, engine)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_run(loop2, prompt, 6, skip=0)
+            timed_frames(loop2, prompt, 6, skip=0)
         events = prof.key_averages()
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
         gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
@@ -558,11 +366,7 @@ class Bench:
         from vibevoice_offload.frame_loop import FrameLoop
 
         n = config.text_config.num_hidden_layers
-        gc.collect()
-        empty_host_cache()
-        self.rss_before_model = rss_bytes()
-        model = build_model(config)
-        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        model, model_bytes = self.fresh_model(config)
         layer_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
         k = n - resident
         cleanup = []
@@ -591,7 +395,7 @@ class Bench:
                 loop_cls = SeedLoop
             else:
                 raise ValueError(method)
-            res = timed_run(loop_cls(model, PeerExecutor(model)), prompt, frames)
+            res = timed_frames(loop_cls(model, PeerExecutor(model)), prompt, frames)
             res["k"] = len(streamed)
             return res
 
@@ -608,11 +412,7 @@ class Bench:
 
         from vibevoice_offload.frame_loop import make_scheduler
 
-        gc.collect()
-        empty_host_cache()
-        self.rss_before_model = rss_bytes()
-        model = build_model(config)
-        model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        model, model_bytes = self.fresh_model(config)
 
         def generate(new_tokens):
             torch.cuda.synchronize()
@@ -647,7 +447,7 @@ class Bench:
 
         for size in self.args.models:
             config = load_size_config(size)
-            prompt = make_prompt(config)
+            prompt = bench_prompt(config)
             log(f"== {size}: prompt {prompt.length} tokens")
             resident = self.ours(size, config, prompt) if "ours" in self.args.methods else {}
             n = config.text_config.num_hidden_layers
@@ -719,7 +519,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all-slow", action="store_true", help="run accelerate and the seed at every budget")
     parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
     parser.add_argument("--no-deep", dest="deep", action="store_false",
-                        help="use the planner's default plan (prefetch depth 2) instead of choosing the ring depth per budget")
+                        help="plan with prefetch depth 2 instead of letting plan_auto choose the ring depth per budget")
     parser.add_argument("--plot-only", metavar="JSON")
     args = parser.parse_args(argv)
     if args.plot_only:

@@ -158,7 +158,8 @@ def prompt_workload(config, prompt, frames: int) -> planner.Workload:
 
 
 def timed_frames(loop, prompt, frames: int, *, steps: int = STEPS, cfg: float = CFG, skip: int = SKIP_FRAMES) -> dict[str, Any]:
-    """Generate `frames` frames; the median wall time between frames after the first `skip`."""
+    """Generate `frames` frames; the median wall time between frames after the first `skip`
+    (`ms_per_frame`), and the frame loop's own counts and mean (prefill excluded)."""
     from .frame_loop import GenerationSettings
 
     stamps: list[float] = []
@@ -172,7 +173,9 @@ def timed_frames(loop, prompt, frames: int, *, steps: int = STEPS, cfg: float = 
     return {
         "ms_per_frame": statistics.median(body) * 1000 if body else float("nan"),
         "frames": result.stats["frames"],
+        "tokens": result.stats["tokens"],
         "prefill_ms": result.stats["prefill_ms"],
+        "mean_ms_per_frame": result.stats["ms_per_frame"],
     }
 
 
