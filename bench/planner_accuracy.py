@@ -76,6 +76,8 @@ from vibevoice_offload.bench_case import (  # noqa: E402
     describe,
     empty_host_cache,
     measure_h2d_gbps,
+    tiny_budgets,
+    tiny_random_model,
     warm_libraries,
 )
 from vibevoice_offload.plan import OffloadPlan  # noqa: E402
@@ -186,33 +188,15 @@ class Accuracy:
     # -- models --------------------------------------------------------------------------------
     def model(self, size: str):
         if self.args.quick:
-            from vibevoice_offload.config import Layout, build_config
-            from vibevoice_offload.synthetic import original_config, random_model
-
-            # A tiny model at the real hop (3200 samples: real prompt and frame lengths).
-            raw = original_config(ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1", layers=6)
-            config = build_config(raw, Layout.ORIGINAL)
-            model = random_model(raw, seed=1).to(torch.float32)
-            from vibevoice_offload.bench_case import make_speaking
-
-            make_speaking(model)
+            model, config = tiny_random_model()
             return model, config, torch.float32, "tiny"
         config = planner.load_size_config(size)
         return build_random_model(config, draw_on=self.device.type), config, torch.bfloat16, size
 
-    def budgets(self, runner: CaseRunner, n: int) -> list[int]:
+    def budgets(self, runner: CaseRunner) -> list[int]:
         if not self.args.quick:
             return [b * GB for b in BUDGETS_GB]
-        # Scaled to the tiny model: everything streamed, about half resident, everything resident.
-        work = runner.workload(MAX_FRAMES)
-
-        def need(resident):
-            return planner.estimate(
-                runner.config, OffloadPlan(resident, "bf16"), dtype=runner.dtype, voice_samples=work.voice_samples,
-                max_frames=MAX_FRAMES, text_tokens=work.text_tokens,
-            ).total_vram
-
-        return [need(0) + 1000, need(n // 2), need(n)]
+        return tiny_budgets(runner.config, runner.workload(MAX_FRAMES), runner.dtype)
 
     # -- the cases ----------------------------------------------------------------------------
     def run_size(self, size: str) -> None:
@@ -231,7 +215,7 @@ class Accuracy:
             if row.get("measured_ms_per_frame"):
                 self.t_resident[label] = row["measured_ms_per_frame"]
             self.add(row, runner)
-            budgets = self.budgets(runner, n)
+            budgets = self.budgets(runner)
             for stream_dtype in STREAM_DTYPES:
                 self.run_dtype(runner, stream_dtype, budgets, n)
         finally:

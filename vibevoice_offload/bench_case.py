@@ -125,6 +125,33 @@ def make_speaking(model: nn.Module) -> None:
         head[cfg.audio_token_id, 0] = 4.0
 
 
+def tiny_random_model(seed: int = 1) -> tuple[nn.Module, Any]:
+    """(model, config): the benchmarks' smoke-test model for a CPU. Six decoder layers, tiny
+    widths, but the real hop (3200 samples: real prompt and frame lengths); float32 random
+    weights edited by `make_speaking`."""
+    from .config import Layout, build_config
+    from .synthetic import original_config, random_model
+
+    raw = original_config(ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1", layers=6)
+    model = random_model(raw, seed=seed).to(torch.float32)
+    make_speaking(model)
+    return model, build_config(raw, Layout.ORIGINAL)
+
+
+def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype) -> list[int]:
+    """VRAM budgets in bytes scaled to a small model (`tiny_random_model`): every decoder layer
+    streamed, about half resident, all resident (the estimates of bf16 streaming, depth 2)."""
+    n = config.text_config.num_hidden_layers
+
+    def need(resident: int) -> int:
+        return planner.estimate(
+            config, OffloadPlan(resident, "bf16"), dtype=dtype, voice_samples=workload.voice_samples,
+            max_frames=workload.max_frames, text_tokens=workload.text_tokens,
+        ).total_vram
+
+    return [need(0) + 1000, need(n // 2), need(n)]
+
+
 def bench_prompt(config, voice_seconds: float = VOICE_SECONDS, script: str = SCRIPT):
     """The fixed benchmark prompt: `script` with two seeded noise clips of `voice_seconds`,
     tokenised by the synthetic character-level tokenizer (no real tokenizer is needed)."""
