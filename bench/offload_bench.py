@@ -17,6 +17,11 @@ get the decoder layers resident that our bf16 plan with a depth-2 ring keeps at 
 
 Writes <out>/<card>-<yyyymmdd>.json (rows, card, measured pinned H2D bandwidth), a PNG
 plot next to it, and a log. Each row is written as soon as its case ends.
+
+Smoke run on a CPU (this project's cases only, on a tiny model with budgets scaled to it;
+no VRAM is enforced or measured, the link is the planner's PCIe 4 figure):
+
+    python bench/offload_bench.py --device cpu --quick --out /tmp/offload-quick
 """
 
 from __future__ import annotations
@@ -43,14 +48,18 @@ from torch import nn  # noqa: E402
 from vibevoice_offload.bench_case import (  # noqa: E402
     bench_prompt,
     build_random_model,
+    device_usable,
     empty_host_cache,
     measure_h2d_gbps,
     prompt_workload,
     timed_frames,
+    tiny_budgets,
+    tiny_config,
+    tiny_random_model,
     vram_budget,
     warm_libraries,
 )
-from vibevoice_offload.planner import GB  # noqa: E402
+from vibevoice_offload.planner import DEFAULT_PCIE_GEN, GB, PCIE_DEFAULTS  # noqa: E402
 
 FRAME_MS = 3200 / 24000 * 1000  # 133.3 ms of audio per frame
 BUDGETS = {"Large": [None, 12, 8, 6], "1.5B": [None, 4, 3]}
@@ -160,17 +169,25 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.card = torch.cuda.get_device_name(self.device)
+        self.cuda = args.device == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.card = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32  # the tiny CPU model is float32
+        if not self.cuda:
+            args.models, args.methods, args.breakdown = ["tiny"], ["ours"], False
+            log("cpu: a smoke run of this project's cases on the tiny model (the peers and --breakdown need CUDA)")
         self.date = datetime.date.today().strftime("%Y%m%d")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.card).strip("-")
         self.json_path = self.out / f"{slug}-{self.date}.json"
         self.rows: list[dict] = []
-        warm_libraries()
-        self.link = measure_h2d_gbps()
+        if self.cuda:
+            warm_libraries()
+            self.link = measure_h2d_gbps()
+        else:
+            self.link = PCIE_DEFAULTS[DEFAULT_PCIE_GEN]  # no link to measure: the planner's default
         gc.collect()
         self.base_rss = rss_bytes()
-        log(f"card {self.card}; pinned H2D {self.link:.1f} GB/s; torch {torch.__version__}")
+        log(f"card {self.card}; pinned H2D {self.link:.1f} GB/s{'' if self.cuda else ' (PCIe default)'}; torch {torch.__version__}")
         self.t_resident: dict[str, float] = {}
         self.extra: dict = {}
 
@@ -182,9 +199,10 @@ class Bench:
 
     def case(self, model_name, method, stream_dtype, budget_gb, fn, *, k=0, layer_bytes=0, m=1, model_bytes=0):
         gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         row = {"model": model_name, "method": method, "stream_dtype": stream_dtype, "budget_gb": budget_gb or "full"}
         start = time.perf_counter()
         try:
@@ -196,13 +214,14 @@ class Bench:
             log(traceback.format_exc(limit=3))
             peak = None
         finally:
-            torch.cuda.synchronize()
+            if self.cuda:
+                torch.cuda.synchronize()
         row["wall_s"] = round(time.perf_counter() - start, 1)
         k = row.pop("k", k)
         row["streamed_layers"] = k
         row["crossings_per_frame"] = m
-        row["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
-        row["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        row["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / GB if self.cuda else None
+        row["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GB if self.cuda else None
         row["host_ram_gb"] = (peak.peak / GB) if peak else None
         row["host_ram_over_base_gb"] = ((peak.peak - self.base_rss) / GB) if peak else None
         row["model_gb"] = model_bytes / GB
@@ -227,17 +246,24 @@ class Bench:
         return row
 
     def fresh_model(self, config):
-        """A new random model at `config`'s shapes and its bytes; host RAM is baselined just
-        before it is built (host_ram_vs_model)."""
+        """A new random model at `config`'s shapes (on a CPU the tiny model, `tiny_config()`) and
+        its bytes; host RAM is baselined just before it is built (host_ram_vs_model)."""
         gc.collect()
         empty_host_cache()
         self.rss_before_model = rss_bytes()
-        model = build_random_model(config, draw_on="cuda")
+        model = build_random_model(config, draw_on="cuda") if self.cuda else tiny_random_model()
         tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
         return model, sum(t.numel() * t.element_size() for t in tensors)
 
     # -- this project --------------------------------------------------------------------------
-    def ours(self, size, config, prompt) -> dict[int, int]:
+    def budgets(self, size, config, prompt) -> list:
+        """BUDGETS[size] in GB (None: the whole card); the tiny model's scaled to it."""
+        if size != "tiny":
+            return BUDGETS[size]
+        workload = prompt_workload(config, prompt, self.args.frames + 2)
+        return [None, *(b / GB for b in tiny_budgets(config, workload, self.dtype, embed_on_host=True))]
+
+    def ours(self, size, config, prompt, budgets) -> dict[int, int]:
         from vibevoice_offload.frame_loop import FrameLoop
         from vibevoice_offload.offload import OffloadEngine
         from vibevoice_offload.plan import OffloadPlan
@@ -249,7 +275,7 @@ class Bench:
         model, model_bytes = self.fresh_model(config)
         for dtype in self.args.dtypes:
             engine = None
-            for budget in BUDGETS[size]:
+            for budget in budgets:
                 if budget is None and dtype != "bf16":
                     continue  # full budget streams nothing: one row
                 predicted = None
@@ -259,7 +285,8 @@ class Bench:
                     if dtype == "bf16":
                         try:  # the peers get the depth-2 plan's residency (room for their onload buffers)
                             resident_for_budget[budget] = plan_auto(
-                                config, int(budget * GB), stream_dtype="bf16", prefetch_depth=2, embed_on_host=True, workload=workload,
+                                config, round(budget * GB), stream_dtype="bf16", prefetch_depth=2, embed_on_host=True,
+                                dtype=self.dtype, workload=workload,
                             ).resident_layers
                         except PlanError:
                             resident_for_budget[budget] = 0
@@ -268,17 +295,17 @@ class Bench:
                     t_res = self.t_resident.get(size)
                     try:
                         plan = plan_auto(
-                            config, int(budget * GB), stream_dtype=dtype, prefetch_depth=None if self.args.deep else 2,
-                            embed_on_host=True, workload=workload, link_gbps=self.link, resident_ms=t_res,
+                            config, round(budget * GB), stream_dtype=dtype, prefetch_depth=None if self.args.deep else 2,
+                            embed_on_host=True, dtype=self.dtype, workload=workload, link_gbps=self.link, resident_ms=t_res,
                         )
                     except PlanError as exc:
                         self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
                         self.write()
                         log("ROW", size, "ours", dtype, budget, "PlanError", exc)
                         continue
-                    predicted = predict_ms_per_frame(config, plan, self.link, t_res)
+                    predicted = predict_ms_per_frame(config, plan, self.link, t_res, dtype=self.dtype)
                 if engine is None:
-                    engine = OffloadEngine(model, plan, "cuda")
+                    engine = OffloadEngine(model, plan, self.device)
                 else:
                     engine.unload()
                     engine.set_plan(plan)
@@ -446,12 +473,13 @@ class Bench:
         from vibevoice_offload.planner import load_size_config
 
         for size in self.args.models:
-            config = load_size_config(size)
+            config = tiny_config() if size == "tiny" else load_size_config(size)
             prompt = bench_prompt(config)
             log(f"== {size}: prompt {prompt.length} tokens")
-            resident = self.ours(size, config, prompt) if "ours" in self.args.methods else {}
+            budgets = self.budgets(size, config, prompt)
+            resident = self.ours(size, config, prompt, budgets) if "ours" in self.args.methods else {}
             n = config.text_config.num_hidden_layers
-            for budget in BUDGETS[size][1:]:
+            for budget in budgets[1:]:
                 r = resident.get(budget, 0)
                 if "diffusers" in self.args.methods:
                     self.peer(size, config, prompt, "diffusers", budget, r, self.args.peer_frames)
@@ -509,6 +537,8 @@ def plot(json_path: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer frames (smoke run)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu (with --quick): this project's cases on a tiny model, a smoke test of the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
     parser.add_argument("--models", nargs="+", default=["Large", "1.5B"], choices=["Large", "1.5B"])
     parser.add_argument("--methods", nargs="+", default=["ours", "diffusers", "seed", "accelerate", "generate"])
@@ -525,11 +555,10 @@ def main(argv=None) -> int:
     if args.plot_only:
         print(plot(Path(args.plot_only)))
         return 0
+    if not device_usable(args.device, args.quick):
+        return 2
     if args.quick:
         args.frames, args.peer_frames, args.slow_frames = 24, 10, 6
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
     Bench(args).run()
     return 0
 

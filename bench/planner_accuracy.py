@@ -74,9 +74,11 @@ from vibevoice_offload.bench_case import (  # noqa: E402
     bench_prompt,
     build_random_model,
     describe,
+    device_usable,
     empty_host_cache,
     measure_h2d_gbps,
     tiny_budgets,
+    tiny_config,
     tiny_random_model,
     warm_libraries,
 )
@@ -188,8 +190,7 @@ class Accuracy:
     # -- models --------------------------------------------------------------------------------
     def model(self, size: str):
         if self.args.quick:
-            model, config = tiny_random_model()
-            return model, config, torch.float32, "tiny"
+            return tiny_random_model(), tiny_config(), torch.float32, "tiny"
         config = planner.load_size_config(size)
         return build_random_model(config, draw_on=self.device.type), config, torch.bfloat16, size
 
@@ -334,11 +335,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(args.link_gbps, args.models)
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --device cpu --quick)", file=sys.stderr)
-        return 2
-    if args.device == "cpu" and not args.quick:
-        print("the real sizes on a CPU would take hours: use --quick on a CPU", file=sys.stderr)
+    if not device_usable(args.device, args.quick):
         return 2
     Accuracy(args).run()
     return 0

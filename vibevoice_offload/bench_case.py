@@ -125,27 +125,38 @@ def make_speaking(model: nn.Module) -> None:
         head[cfg.audio_token_id, 0] = 4.0
 
 
-def tiny_random_model(seed: int = 1) -> tuple[nn.Module, Any]:
-    """(model, config): the benchmarks' smoke-test model for a CPU. Six decoder layers, tiny
-    widths, but the real hop (3200 samples: real prompt and frame lengths); float32 random
-    weights edited by `make_speaking`."""
+def _tiny_raw_config() -> dict[str, Any]:
+    from .synthetic import original_config
+
+    # Six decoder layers, tiny widths, but the real hop (3200 samples: real prompt and frame lengths).
+    return original_config(ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1", layers=6)
+
+
+def tiny_config():
+    """The config of `tiny_random_model`."""
     from .config import Layout, build_config
-    from .synthetic import original_config, random_model
 
-    raw = original_config(ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1", layers=6)
-    model = random_model(raw, seed=seed).to(torch.float32)
+    return build_config(_tiny_raw_config(), Layout.ORIGINAL)
+
+
+def tiny_random_model(seed: int = 1) -> nn.Module:
+    """The benchmarks' smoke-test model for a CPU (`tiny_config()`): float32 random weights
+    edited by `make_speaking`."""
+    from .synthetic import random_model
+
+    model = random_model(_tiny_raw_config(), seed=seed).to(torch.float32)
     make_speaking(model)
-    return model, build_config(raw, Layout.ORIGINAL)
+    return model
 
 
-def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype) -> list[int]:
+def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype, *, embed_on_host: bool = False) -> list[int]:
     """VRAM budgets in bytes scaled to a small model (`tiny_random_model`): every decoder layer
     streamed, about half resident, all resident (the estimates of bf16 streaming, depth 2)."""
     n = config.text_config.num_hidden_layers
 
     def need(resident: int) -> int:
         return planner.estimate(
-            config, OffloadPlan(resident, "bf16"), dtype=dtype, voice_samples=workload.voice_samples,
+            config, OffloadPlan(resident, "bf16", embed_on_host=embed_on_host), dtype=dtype, voice_samples=workload.voice_samples,
             max_frames=workload.max_frames, text_tokens=workload.text_tokens,
         ).total_vram
 
@@ -213,6 +224,18 @@ def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     torch.cuda.empty_cache()
     empty_host_cache()
     return gbps
+
+
+def device_usable(device: str, quick: bool) -> bool:
+    """Whether a benchmark script can run on `device` ("cuda" or "cpu"); if not, says why on
+    stderr. A CPU runs only --quick (the tiny model): the real sizes would take hours."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu --quick)", file=sys.stderr)
+        return False
+    if device == "cpu" and not quick:
+        print("the real sizes on a CPU would take hours: use --quick on a CPU", file=sys.stderr)
+        return False
+    return True
 
 
 def empty_host_cache() -> None:
