@@ -962,6 +962,11 @@ def simulate_frame_ms(
     return (t - starts[warmup]) / (frames - warmup)
 
 
+def _copy_ms(nbytes: int, link_gbps: float) -> float:
+    """Link time of `nbytes` per frame: LINK_CROSSINGS_PER_FRAME crossings at `link_gbps`, in ms."""
+    return LINK_CROSSINGS_PER_FRAME * nbytes / (link_gbps * GB) * 1000
+
+
 def bound_ms_per_frame(
     config: VibeVoiceConfig,
     plan: OffloadPlan,
@@ -976,8 +981,7 @@ def bound_ms_per_frame(
     sizes = model_sizes(config, dtype)
     n = config.text_config.num_hidden_layers
     link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
-    transfer_ms = LINK_CROSSINGS_PER_FRAME * link_bytes / (link_gbps * GB) * 1000
-    return max(transfer_ms, default_resident_ms(config) if resident_ms is None else resident_ms)
+    return max(_copy_ms(link_bytes, link_gbps), default_resident_ms(config) if resident_ms is None else resident_ms)
 
 
 def predict_ms_per_frame(
@@ -993,8 +997,7 @@ def predict_ms_per_frame(
     (DECODER_SHARE_OF_RESIDENT_FRAME) and the rest, copies of each streamed layer's link
     bytes at `link_gbps`, and for fp8 the dequantisation (FP8_DEQUANT_MS_PER_GB of the
     model-dtype layer). Never below `bound_ms_per_frame`."""
-    if link_gbps <= 0:
-        raise ValueError(f"link_gbps must be positive, got {link_gbps}")
+    bound = bound_ms_per_frame(config, plan, link_gbps, resident_ms, dtype=dtype)  # rejects a link_gbps <= 0
     t_resident = default_resident_ms(config) if resident_ms is None else resident_ms
     n = config.text_config.num_hidden_layers
     sizes = model_sizes(config, dtype)
@@ -1006,9 +1009,9 @@ def predict_ms_per_frame(
     dequant_ms = FP8_DEQUANT_MS_PER_GB * max(sizes.layers[i] for i in streamed) / GB if plan.fp8 else 0.0
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, t_resident - n * layer_ms,
-        LINK_CROSSINGS_PER_FRAME * link / (link_gbps * GB) * 1000, staged=plan.fp8, dequant_ms=dequant_ms,
+        _copy_ms(link, link_gbps), staged=plan.fp8, dequant_ms=dequant_ms,
     )
-    return max(simulated, bound_ms_per_frame(config, plan, link_gbps, t_resident, dtype=dtype))
+    return max(simulated, bound)
 
 
 def real_time_factor(config: VibeVoiceConfig, ms_per_frame: float) -> float:
