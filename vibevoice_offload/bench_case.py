@@ -1,7 +1,8 @@
 """One planner-accuracy case: run a plan for real and set the planner's estimate beside it.
 
-`python -m vibevoice_offload bench (--auto | --preset NAME | --layers N | --no-offload)` and
-`bench/planner_accuracy.py` use this module; it needs no ComfyUI.
+`python -m vibevoice_offload bench (--auto | --preset NAME | --layers N | --no-offload)`,
+`bench/planner_accuracy.py` and `bench/offload_bench.py` use this module (the random model,
+the prompt, the frame timer, the link probe, the budget emulation); it needs no ComfyUI.
 
 A case: the model (random weights at a released size's real shapes, or a model folder),
 a fixed prompt (2 speakers x 5 s of voice, a two-line script, a character-level tokenizer:
