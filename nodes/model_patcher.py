@@ -190,26 +190,17 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         return self.engine
 
     def weight_bytes(self, resident_layers: int) -> int:
-        """Device bytes the engine holds with `resident_layers` resident: its other resident
-        parts, one native layer per resident layer, and the streaming ring. An estimate from
-        the engine's layouts; the load and unload paths check the engine's real count."""
-        engine = self.engine if self.engine is not None and self.engine_signature == self._signature() else None
-        if engine is None:
-            engine = self._new_engine(self.settings.wanted_layers(self.num_layers)) if self.engine is None else None
-        if engine is not None and hasattr(engine, "resident_bytes_for"):
-            return int(engine.resident_bytes_for(resident_layers))
-        try:
-            layer = engine.native.nbytes
-            fixed = _fixed_device_bytes(engine)
-            stream = engine.stream_layout.nbytes if engine.plan.fp8 else 0
-        except AttributeError:  # an engine without these details: the planner's estimate
+        """Device bytes the engine holds with `resident_layers` resident (its other resident
+        parts, the resident layers and the streaming ring); the load and unload paths check
+        the engine's real count."""
+        if self.engine is None:
+            self._new_engine(self.settings.wanted_layers(self.num_layers))
+        elif self.engine_signature != self._signature():
+            # The settings changed since this engine was built: price the new plan instead.
             cp = self.vibevoice.checkpoint
             est = planner.estimate(cp.config, self._plan(resident_layers), dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
             return int(est.resident_weights + est.slots)
-        depth = min(self.settings.prefetch_depth, self.num_layers - resident_layers)
-        # bf16: `depth` layer-sized slots; fp8: `depth` fp8 staging slots + one compute slot
-        ring = 0 if depth == 0 else (layer + depth * stream if stream else depth * layer)
-        return int(fixed + resident_layers * layer + ring)
+        return int(self.engine.resident_bytes_for(resident_layers))
 
     def _close_engine(self) -> None:
         engine, self.engine, self.engine_signature = self.engine, None, None
@@ -462,18 +453,6 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         if engine_stats:
             stats["engine"] = engine_stats
         return result, _json_safe(stats)
-
-
-def _fixed_device_bytes(engine) -> int:
-    """What the engine keeps on the device besides decoder layers and ring slots (the
-    diffusion head, tokenizer decoder and encoder, connectors, norm, embeddings)."""
-    if engine.loaded:
-        return engine.resident_bytes - engine.resident_layers * engine.native.nbytes - engine.slot_bytes
-    core = engine.model.model
-    tensors = [t for m in engine._resident_modules() for t in (*m.parameters(), *m.buffers())]
-    tensors += [getattr(core, n) for n in ("latent_scaling_factor", "latent_bias_factor") if hasattr(core, n)]
-    unique = {id(t): t for t in tensors}
-    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _clear_traceback(exc: BaseException) -> None:

@@ -34,6 +34,7 @@ from .errors import VibeVoiceError
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
 from .plan import OffloadPlan, StreamDtype
+from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
 MiB = 2**20
@@ -482,11 +483,9 @@ def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     streamed = range(plan.resident_layers, num_layers)
     if not streamed:
         return 0
-    depth = min(plan.prefetch_depth, len(streamed))
     native = max(sizes.layers[i] for i in streamed)
-    if plan.fp8:
-        return native + depth * max(sizes.layers_fp8[i] for i in streamed)
-    return depth * native
+    staged = max(sizes.layers_fp8[i] for i in streamed) if plan.fp8 else None
+    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)))
 
 
 def kv_cache_bytes(config: VibeVoiceConfig, positions: int, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..plan import OffloadPlan
-from .gpu_slots import SlotRing, run_ops, upload, upload_ops
+from .gpu_slots import SlotRing, ring_nbytes, run_ops, upload, upload_ops
 from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, unpack_layer
 from .kv_cache import PreallocatedCache
 
@@ -503,6 +503,20 @@ class OffloadEngine:
         if self._ring is not None:
             total += self._ring.nbytes
         return total
+
+    def resident_bytes_for(self, resident_layers: int) -> int:
+        """`resident_bytes` after `set_resident_layers(resident_layers)` and `load()`, computed
+        without moving anything (ComfyUI asks this before it grants or takes VRAM)."""
+        fixed = {id(t): t for m in self._resident_modules() for t in (*m.parameters(), *m.buffers())}
+        core = self.model.model
+        fixed.update({id(t): t for t in (core.latent_scaling_factor, core.latent_bias_factor)})
+        depth = min(self.plan.prefetch_depth, self.num_layers - resident_layers)
+        staged = self.stream_layout.nbytes if self.plan.fp8 else None
+        return (
+            sum(t.numel() * t.element_size() for t in fixed.values())
+            + resident_layers * self.native.nbytes
+            + ring_nbytes(self.native.nbytes, staged, depth)
+        )
 
     @property
     def slot_bytes(self) -> int:

@@ -77,6 +77,14 @@ def upload(host: HostLayer, dst: torch.Tensor, staging: torch.Tensor | None, ops
     run_ops(ops)
 
 
+def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int) -> int:
+    """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
+    slots; fp8, `depth` staging slots of `staged_bytes` plus one shared compute buffer."""
+    if depth == 0:
+        return 0
+    return depth * native_bytes if staged_bytes is None else native_bytes + depth * staged_bytes
+
+
 class SlotRing:
     """`depth` slots on `device` that host slabs are copied into.
 
