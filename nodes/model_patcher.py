@@ -391,8 +391,8 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         activations of the worst phase, and allocator slack (the planner's estimate)."""
         cp = self.vibevoice.checkpoint
         plan = self._plan(self.num_layers)
-        text_tokens = max(1, prompt_length - planner.prompt_length(cp.config, voice_samples, 0))
-        est = planner.estimate(cp.config, plan, dtype=cp.dtype, voice_samples=voice_samples, max_frames=frames, text_tokens=text_tokens)
+        workload = planner.Workload.for_prompt(cp.config, prompt_length, voice_samples, frames)
+        est = planner.estimate(cp.config, plan, dtype=cp.dtype, voice_samples=workload.voice_samples, max_frames=frames, text_tokens=workload.text_tokens)
         return int(est.total_vram - est.resident_weights - est.slots)
 
     def generate(

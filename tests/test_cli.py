@@ -56,3 +56,19 @@ def test_table_lists_auto_and_every_preset():
     assert run.returncode == 0, run.stderr
     for mode in ("auto", "light", "moderate", "balanced", "aggressive", "extreme"):
         assert f"\n{mode} " in run.stdout
+
+
+def test_generate_through_the_offload_engine_streams_and_matches_resident(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(1)
+    soundfile.write(tmp_path / "a.wav", 0.1 * rng.standard_normal(400), 24000)
+    (tmp_path / "script.txt").write_text("Speaker 1: Hi there.\n")
+    common = ["generate", "--model", str(tiny_model_dir), "--script", str(tmp_path / "script.txt"),
+              "--voice", f"1={tmp_path / 'a.wav'}", "--steps", "2", "--dtype", "fp32", "--device", "cpu",
+              "--max-seconds", str(5 * 4 / 24000)]
+    resident = cli(*common, "--offload", "none", "--out", str(tmp_path / "resident.wav"))
+    streamed = cli(*common, "--layers", "1", "--out", str(tmp_path / "streamed.wav"))
+    assert resident.returncode == 0 and streamed.returncode == 0, resident.stderr + streamed.stderr
+    a, _ = soundfile.read(tmp_path / "resident.wav", dtype="float32")
+    b, _ = soundfile.read(tmp_path / "streamed.wav", dtype="float32")
+    assert len(a) == 5 * 4 and np.array_equal(a, b)
+    assert "3 of 4 layers streamed" in streamed.stdout and "0 of 4 layers streamed" in resident.stdout

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
 
 from .config import SAMPLE_RATE
 from .errors import VibeVoiceError
 from .frame_loop import GenerationResult, GenerationSettings
 from .pipeline import VibeVoice
+from .planner import PRESETS, parse_vram
+
+OFFLOAD_MODES = ("auto", *PRESETS, "none")
 
 DEFAULT_CACHE = Path(os.environ.get("VIBEVOICE_OFFLOAD_CACHE", Path.home() / ".cache" / "vibevoice_offload"))
 
@@ -58,12 +62,20 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(cfg=args.cfg, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds)
 
 
-def _generate(model: VibeVoice, script: str, voices: dict, settings: GenerationSettings, out: Path) -> GenerationResult:
+def _generate(model: VibeVoice, script: str, voices: dict, settings: GenerationSettings, out: Path, args: argparse.Namespace) -> GenerationResult:
+    from .placement import offload_engine
+
+    prompt = model.prompt(script, voices)
+    engine = offload_engine(model, prompt, settings, mode=args.offload, resident_layers=args.layers,
+                            stream_dtype=args.stream_dtype, budget_bytes=parse_vram(args.vram) if args.vram else None,
+                            device=args.device)
     bar = ProgressBar()
     try:
-        result = model.generate(script, voices, settings, on_frame=bar)
+        result = model.run(prompt, settings, executor=engine, on_frame=bar)
+        result.stats.update(engine.stats())
     finally:
         bar.close()
+        engine.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(str(out), result.waveform.numpy(), result.sample_rate)
     return result
@@ -73,12 +85,16 @@ def _report(out: Path, result: GenerationResult) -> None:
     stats = result.stats
     print(f"wrote {out} ({stats['audio_seconds']:.2f} s of audio at {result.sample_rate} Hz)")
     print(f"frames {stats['frames']}, {stats['ms_per_frame']:.1f} ms per frame, RTF {stats['rtf']:.2f}, stopped by {stats['stopped']}")
+    if "offload_streamed_layers" in stats:
+        layers = stats["offload_streamed_layers"] + stats["offload_resident_layers"]
+        print(f"{stats['offload_streamed_layers']} of {layers} layers streamed ({stats['offload_stream_dtype']}), "
+              f"{stats['offload_bytes_streamed'] / 1e9:.3f} GB over the link")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     voices = {speaker: _read_voice(path) for speaker, path in args.voice}
     model = VibeVoice.load(args.model, dtype=args.dtype)
-    result = _generate(model, Path(args.script).read_text(), voices, _settings(args), Path(args.out))
+    result = _generate(model, Path(args.script).read_text(), voices, _settings(args), Path(args.out), args)
     _report(Path(args.out), result)
     return 0
 
@@ -103,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = VibeVoice.load(model_dir, dtype="fp32")
     out = Path(args.out) if args.out else Path(args.cache) / "demo.wav"
     settings = GenerationSettings(cfg=args.cfg, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds)
-    result = _generate(model, DEMO_SCRIPT, voices, settings, out)
+    result = _generate(model, DEMO_SCRIPT, voices, settings, out, args)
     _report(out, result)
     return 0
 
@@ -111,6 +127,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vibevoice_offload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_placement(p: argparse.ArgumentParser, device: str) -> None:
+        p.add_argument("--device", default=device, help="cuda (offloaded to fit --vram) or cpu")
+        p.add_argument("--offload", default="auto", choices=OFFLOAD_MODES, help="auto: most resident layers that fit; a preset; none: all resident")
+        p.add_argument("--layers", type=int, default=None, help="resident decoder layers (overrides --offload)")
+        p.add_argument("--stream-dtype", default="bf16", choices=["bf16", "fp8"], help="dtype of streamed layers (fp8 halves the bytes)")
+        p.add_argument("--vram", default=None, help="VRAM budget, e.g. 12GB (default: 90%% of free VRAM)")
 
     def add_sampling(p: argparse.ArgumentParser, max_seconds: float | None) -> None:
         p.add_argument("--steps", type=int, default=10, help="diffusion steps per frame")
@@ -125,12 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output WAV path")
     gen.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"])
     add_sampling(gen, None)
+    add_placement(gen, "cuda" if torch.cuda.is_available() else "cpu")
     gen.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="write a small synthetic checkpoint and generate a two-speaker dialog from it")
     demo.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the synthetic checkpoint and the WAV go")
     demo.add_argument("--out", default=None, help="output WAV (default: <cache>/demo.wav)")
     add_sampling(demo, 4.0)
+    add_placement(demo, "cpu")  # the synthetic model is fp32 and tiny: the CPU is enough
     demo.set_defaults(func=cmd_demo)
 
     from .bench_case import add_bench_command

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .executor import Executor, ResidentExecutor
 from .frame_loop import FrameCallback, FrameLoop, GenerationResult, GenerationSettings
-from .prompt import build_prompt
+from .prompt import Prompt, build_prompt
 from .tokenizer import load_tokenizer
 
 Voice = tuple[torch.Tensor | np.ndarray, int]  # (waveform, sample rate)
@@ -46,6 +46,19 @@ class VibeVoice:
     ) -> GenerationResult:
         """Generate a dialog. `voices` maps script speaker numbers to clips; `executor` places the
         weights (default: run the model where it is)."""
-        prompt = build_prompt(self.tokenizer, self.checkpoint.config, script, voices)
+        return self.run(self.prompt(script, voices), settings, executor=executor, on_frame=on_frame)
+
+    def prompt(self, script: str, voices: Mapping[int, Voice]) -> Prompt:
+        """The prompt alone: its length and voice clips size the offload plan before a run."""
+        return build_prompt(self.tokenizer, self.checkpoint.config, script, voices)
+
+    def run(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        executor: Executor | None = None,
+        on_frame: FrameCallback | None = None,
+    ) -> GenerationResult:
         loop = FrameLoop(self.model, executor or ResidentExecutor(self.model))
         return loop.run(prompt, settings, on_frame)

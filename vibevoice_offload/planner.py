@@ -294,6 +294,14 @@ class Workload:
         )
 
 
+    @classmethod
+    def for_prompt(cls, config: VibeVoiceConfig, length: int, voice_samples: Sequence[int], max_frames: int) -> Workload:
+        """The workload of a real prompt of `length` tokens: its text tokens are what the
+        fixed text and the voice blocks leave."""
+        voices = tuple(int(v) for v in voice_samples)
+        return cls(voices, max_frames, max(1, length - prompt_length(config, voices, 0)))
+
+
 DEFAULT_MINUTES = 10.0
 DEFAULT_WORKLOAD = Workload.for_minutes(DEFAULT_MINUTES)
 """Two speakers with 30 s clips, 10 minutes of audio (4,500 frames, 2,500 text tokens)."""
