@@ -28,7 +28,7 @@ from comfy_server import ComfyServer  # noqa: E402
 
 from vibevoice_offload.cli import DEFAULT_CACHE, DEMO_SCRIPT, demo_voice  # noqa: E402
 from vibevoice_offload.config import SAMPLE_RATE  # noqa: E402
-from vibevoice_offload.synthetic import write_demo_checkpoint  # noqa: E402
+from vibevoice_offload.synthetic import REAL_HOP_SHAPE, write_demo_checkpoint  # noqa: E402
 
 MODEL = "VibeVoice-demo"
 
@@ -41,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with ComfyServer(args.comfyui, log_path=DEFAULT_CACHE / "workflow-demo-comfyui.log") as server:
-        model_dir = write_demo_checkpoint(server.models_dir / MODEL, ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1")
+        model_dir = write_demo_checkpoint(server.models_dir / MODEL, **REAL_HOP_SHAPE)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (model_dir / name).unlink()
         graph = json.loads((REPO / "example_workflows" / "vibevoice_dialog_api.json").read_text())

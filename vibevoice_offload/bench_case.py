@@ -127,10 +127,10 @@ def make_speaking(model: nn.Module) -> None:
 
 
 def _tiny_raw_config() -> dict[str, Any]:
-    from .synthetic import original_config
+    from .synthetic import REAL_HOP_SHAPE, original_config
 
     # Six decoder layers, tiny widths, but the real hop (3200 samples: real prompt and frame lengths).
-    return original_config(ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1", layers=6)
+    return original_config(**REAL_HOP_SHAPE, layers=6)
 
 
 def tiny_config():

@@ -108,18 +108,16 @@ def demo_voice(seconds: float, pitch_hz: float, seed: int) -> np.ndarray:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .synthetic import write_demo_checkpoint
+    from .synthetic import REAL_HOP_SHAPE, write_demo_checkpoint
 
     model_dir = Path(args.cache) / "demo-model"
     if not (model_dir / "config.json").is_file():
-        # The real hop (3200 samples: 7.5 frames per second) with tiny layers.
-        write_demo_checkpoint(model_dir, ratios=(2, 2, 4, 5, 5, 8), filters=4, depths="1-1-1-1-1-1-1")
+        write_demo_checkpoint(model_dir, **REAL_HOP_SHAPE)
         print(f"wrote a synthetic checkpoint (original layout) to {model_dir}")
     voices = {1: (demo_voice(1.0, 140.0, 1), SAMPLE_RATE), 2: (demo_voice(1.2, 220.0, 2), SAMPLE_RATE)}
     model = VibeVoice.load(model_dir, dtype="fp32")
     out = Path(args.out) if args.out else Path(args.cache) / "demo.wav"
-    settings = GenerationSettings(cfg=args.cfg, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds)
-    result = _generate(model, DEMO_SCRIPT, voices, settings, out, args)
+    result = _generate(model, DEMO_SCRIPT, voices, _settings(args), out, args)
     _report(out, result)
     return 0
 

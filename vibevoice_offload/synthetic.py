@@ -182,6 +182,11 @@ def write_tokenizer(out_dir: Path | str) -> Path:
     return out_dir
 
 
+# The released tokenizers' hop (3200 samples: 7.5 frames per second) with tiny layers: the
+# demos' audio has real-time frame lengths.
+REAL_HOP_SHAPE: dict[str, Any] = {"ratios": (2, 2, 4, 5, 5, 8), "filters": 4, "depths": "1-1-1-1-1-1-1"}
+
+
 def write_demo_checkpoint(out_dir: Path | str, *, layout: Layout = Layout.ORIGINAL, seed: int = 0, **config_overrides: Any) -> Path:
     """A small speaking model in the given layout, with a tokenizer, ready to generate from."""
     raw = original_config(**config_overrides)
