@@ -126,8 +126,8 @@ def _trace(engine):
 
     def issue():
         original()
-        layer, slot = engine._queue[-1]
-        issued.append((layer, slot.index))
+        use = engine._queue[-1]
+        issued.append((use.layer, use.slot.index))
 
     engine._issue = issue
     return issued

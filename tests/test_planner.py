@@ -142,10 +142,10 @@ def test_slots(large):
     assert _estimate(large, OffloadPlan(0, "bf16", prefetch_depth=3)).slots == 3 * layer
     assert _estimate(large, OffloadPlan(28, "bf16")).slots == 0
     assert _estimate(large, OffloadPlan(27, "bf16", prefetch_depth=3)).slots == layer  # one layer: one slot
-    # fp8: depth half-size staging slots + ONE shared bf16 compute buffer (gpu_slots.SlotRing)
-    assert _estimate(large, OffloadPlan(10, "fp8")).slots == layer + 2 * layer_fp8
-    assert _estimate(large, OffloadPlan(0, "fp8", prefetch_depth=14)).slots == layer + 14 * layer_fp8
-    assert _estimate(large, OffloadPlan(27, "fp8", prefetch_depth=5)).slots == layer + layer_fp8
+    # fp8: depth half-size staging slots + two bf16 compute buffers (gpu_slots.SlotRing)
+    assert _estimate(large, OffloadPlan(10, "fp8")).slots == 2 * layer + 2 * layer_fp8
+    assert _estimate(large, OffloadPlan(0, "fp8", prefetch_depth=14)).slots == 2 * layer + 14 * layer_fp8
+    assert _estimate(large, OffloadPlan(27, "fp8", prefetch_depth=5)).slots == 2 * layer + layer_fp8
     assert _estimate(large, OffloadPlan(28, "fp8")).slots == 0
 
 
@@ -381,9 +381,13 @@ def test_ring_simulation():
     serial = sim(4, 0, 1, 1.0, 10.0, 5.0)
     assert serial == pytest.approx(4 * (5.0 + 1.0) + 10.0 - 5.0)  # only the next frame's first copy overlaps the rest
     assert sim(4, 0, 2, 1.0, 10.0, 5.0) < serial and sim(4, 0, 4, 1.0, 10.0, 5.0) <= sim(4, 0, 2, 1.0, 10.0, 5.0)
-    # fp8: the staging slot frees when dequantisation ends, before the layer's compute.
-    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5) == pytest.approx(15.0)  # copies hidden
-    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=False, dequant_ms=0.5) == pytest.approx(24.0)  # copy waits for compute
+    # fp8: the staging slot frees when dequantisation ends, before the layer's compute, and the
+    # next layer dequantises (side stream, second compute buffer) while this one computes.
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5) == pytest.approx(13.0)  # copies and dequant hidden
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=False, dequant_ms=0.5) == pytest.approx(22.0)  # copy waits for compute
+    # dequantisation slower than compute: the first two layers dequantise during the other part,
+    # then two buffers let it run only one layer ahead: 10 + 1 + 1 + (1 + 1) + (1 + 1) ms.
+    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0) == pytest.approx(16.0)
 
 
 H200 = Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H200-20261127.json"

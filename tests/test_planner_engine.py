@@ -152,21 +152,6 @@ def test_the_models_need_slab_padding(folders, name):
     assert sizes.layers_fp8[0] == engine.stream_layout.nbytes
 
 
-def test_the_old_slot_rule_would_be_caught(folders):
-    """The rule the planner used to have (every fp8 slot = one bf16 layer + one fp8 layer)
-    overcounts the engine's ring by (S - 1) bf16 layers; the byte-exact test sees that."""
-    cp = load_checkpoint(folders["mid"], "bf16")
-    sizes = planner.model_sizes(cp.config, cp.dtype)
-    for depth in (2, 3):
-        engine = OffloadEngine(cp.model, OffloadPlan(0, "fp8", depth), device="cpu")
-        engine.load()
-        old_rule = depth * (sizes.layers[0] + sizes.layers_fp8[0])
-        assert engine.slot_bytes == sizes.layers[0] + depth * sizes.layers_fp8[0] != old_rule
-        assert old_rule - engine.slot_bytes == (depth - 1) * sizes.layers[0]
-        engine.close()
-        cp = load_checkpoint(folders["mid"], "bf16")
-
-
 # ------------------------------------------------------------------ on a GPU
 
 

@@ -425,8 +425,8 @@ class Estimate:
     S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
     layers to stream): bf16 streaming, S model-dtype slots of one layer each; fp8
     streaming, S fp8 staging slots (the layer's fp8 slab: weights, row scales, biases and
-    norms) plus ONE shared model-dtype compute buffer that each layer is dequantised into
-    in place, on the compute stream, just before it runs."""
+    norms) plus `gpu_slots.COMPUTE_BUFFERS` (2) model-dtype compute buffers that the layers
+    are dequantised into in turn, on a stream of their own, one layer ahead of compute."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU):
     (positive positions prompt_len + max_frames, plus negative positions max_frames + 1)
@@ -875,11 +875,10 @@ DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 # all within 4.3% with 0.26; checked on the six held-out depth-2 rows of
 # NVIDIA-H200-20261127-run1-depth2.json (another machine, T_resident 130 ms): within 11%.
 DECODER_SHARE_OF_RESIDENT_FRAME = 0.26
-# fp8 streaming dequantises each streamed layer on the compute stream before it runs
-# (gpu_slots.run_ops: a copy and a multiply per Linear). Measured on the H200 where the
-# copies were fully hidden (Large, fp8, 8 resident, depth 14: 0.16 ms of copy waits per
-# frame): (116.5 - 88.2) ms / 20 streamed layers / 0.466 GB per model-dtype layer.
-FP8_DEQUANT_MS_PER_GB = 3.0
+# GPU time to dequantise a streamed fp8 layer (dequant.dequantise, the fused kernel), per GB
+# of model-dtype layer: 0.385 ms for a Large layer (0.466 GB) on an H100
+# (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json).
+FP8_DEQUANT_MS_PER_GB = 0.82
 
 # Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
 # 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
@@ -935,17 +934,20 @@ def simulate_frame_ms(
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
     slot is free: bf16, when the layer copied into it by copy j - S has finished; fp8
-    (`staged`), when that layer's dequantisation (`dequant_ms`, on the compute stream just
-    before the layer) has finished. A streamed layer starts when the compute stream is free
-    and its copy is done. So a ring of S slots can only get S layers ahead while the
+    (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
+    (`dequant_ms` each) run in order on their own stream, alongside compute, into one of two
+    compute buffers: dequantisation j starts when copy j is done and layer j - 2 has left
+    its buffer. A streamed layer starts when the compute stream is free and its copy (fp8:
+    its dequantisation) is done. So a ring of S slots can only get S layers ahead while the
     diffusion head and tokenizers run: shallow rings leave the link idle there.
     """
     streamed = num_layers - resident
     if streamed <= 0:
         return num_layers * layer_ms + other_ms
     depth = min(depth, streamed)
-    copy_engine_free = 0.0
+    copy_engine_free = dequant_engine_free = 0.0
     slot_free = [0.0] * depth
+    buffer_free = [0.0, 0.0]  # fp8: when each compute buffer's last layer has run
     copy_done: list[float] = []
     t = 0.0
     starts = []
@@ -961,10 +963,14 @@ def simulate_frame_ms(
                 begin = max(copy_engine_free, slot_free[c % depth])
                 copy_engine_free = begin + copy_ms
                 copy_done.append(copy_engine_free)
-            start = max(t, copy_done[j])
-            dequantised = start + dequant_ms
-            t = dequantised + layer_ms
-            slot_free[j % depth] = dequantised if staged else t
+            if staged:
+                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % 2]) + dequant_ms
+                slot_free[j % depth] = dequant_engine_free
+                t = max(t, dequant_engine_free) + layer_ms
+                buffer_free[j % 2] = t
+            else:
+                t = max(t, copy_done[j]) + layer_ms
+                slot_free[j % depth] = t
         t += other_ms
     return (t - starts[warmup]) / (frames - warmup)
 

@@ -5,17 +5,20 @@ slabs (pinned) and are copied, one slab per layer, into a fixed ring of S GPU sl
 dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
-  slot's "free" event, recorded on the compute stream after the slot's previous layer was
-  last used (fp8: after it was dequantised into the compute buffer, so an fp8 ring of S
-  half-size staging slots runs S layers ahead);
-- `decoder_layer(i)` makes the compute stream wait on slot's "copy done" event;
+  slot's "free" event: recorded on the compute stream after the slot's previous layer ran
+  (bf16), or on the dequantisation stream once that layer was dequantised out of it (fp8);
+- fp8: the staged layer is dequantised on a stream of its own into one of two compute
+  buffers, after its copy and after the compute stream is done with that buffer's
+  previous layer; the next streamed layer is dequantised while the current one runs;
+- `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (fp8:
+  the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
   the streamed layers, wrapping into the next pass: while the diffusion head and the
   tokenizers of frame t run (and the resident layers 0..R-1 of frame t+1), the first
   streamed layers of frame t+1 are already crossing the link.
 
-On a CPU device there are no streams: copies are synchronous, the bookkeeping is the same
-(CPU tests, and ComfyUI's --cpu mode).
+On a CPU device there are no streams: copies and dequantisation are synchronous, the
+bookkeeping is the same (CPU tests, and ComfyUI's --cpu mode).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from torch import nn
 
 from ..plan import OffloadPlan
-from .gpu_slots import SlotRing, ring_nbytes, run_ops, upload, upload_ops
+from .dequant import dequant_ops, dequantise
+from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
 from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, unpack_layer
 from .kv_cache import PreallocatedCache
 
@@ -89,6 +93,16 @@ class _Placement:
         return total
 
 
+@dataclasses.dataclass
+class _Use:
+    """One issued copy: streamed layer `layer` on its way into `slot`; with fp8 streaming, the
+    compute buffer it has been dequantised into (None until that is enqueued)."""
+
+    layer: int
+    slot: Slot
+    compute: ComputeBuffer | None = None
+
+
 class _EventPool:
     """Reusable timing events: no event is created per copy in steady state."""
 
@@ -138,9 +152,11 @@ class OffloadEngine:
         self._encoder_placement: _Placement | None = None  # set while a prompt is being encoded
         self._ring: SlotRing | None = None
         self._copy_stream: torch.cuda.Stream | None = None
-        self._queue: deque = deque()  # (layer index, slot) in issue order
+        self._dequant_stream: torch.cuda.Stream | None = None  # fp8 streaming only
+        self._queue: deque[_Use] = deque()  # issued copies, in order
         self._next_pos = 0  # position in `_streamed` of the next copy
         self._next_slot = 0
+        self._next_compute = 0  # fp8: the compute buffer the next layer is dequantised into
         self._streamed: list[int] = []
         self._loaded = False
         self._events = _EventPool()
@@ -168,36 +184,38 @@ class OffloadEngine:
             self.load()
         if index < self.plan.resident_layers:
             return self.layers[index]
-        if not self._queue or self._queue[0][0] != index:
+        if not self._queue or self._queue[0].layer != index:
             self._resync(index)
-        layer, slot = self._queue[0]
+        use = self._queue[0]
         if index == self._streamed[0]:
             self._passes += 1
+        if self._ring.staged and use.compute is None:
+            self._dequantise(use)
         if self.is_cuda:
             compute = torch.cuda.current_stream(self._device)
+            ready = use.compute.ready if use.compute is not None else use.slot.copy_done
             if self.timing:
                 e0, e1 = self._events.get(), self._events.get()
                 e0.record(compute)
-                compute.wait_event(slot.copy_done)
+                compute.wait_event(ready)
                 e1.record(compute)
                 self._pending_wait.append((e0, e1))
             else:
-                compute.wait_event(slot.copy_done)
-        if slot.ops is not None:
-            # fp8: dequantise the staged layer into the shared compute buffer, in stream order
-            # after the previous layer's kernels; the staging slot is free once this has run.
-            run_ops(slot.ops)
-            if self.is_cuda:
-                slot.free.record(compute)
-        slot.module.self_attn.layer_idx = index
-        return slot.module
+                compute.wait_event(ready)
+        if self._ring.staged and len(self._queue) > 1 and self._queue[1].compute is None:
+            # the next layer dequantises into the other buffer while this one computes
+            self._dequantise(self._queue[1])
+        module = use.compute.module if use.compute is not None else use.slot.module
+        module.self_attn.layer_idx = index
+        return module
 
     def decoder_layer_done(self, index: int) -> None:
-        if index < self.plan.resident_layers or not self._queue or self._queue[0][0] != index:
+        if index < self.plan.resident_layers or not self._queue or self._queue[0].layer != index:
             return
-        _, slot = self._queue.popleft()
-        if self.is_cuda and slot.ops is None:
-            slot.free.record(torch.cuda.current_stream(self._device))
+        use = self._queue.popleft()
+        if self.is_cuda:
+            done = use.compute if use.compute is not None else use.slot
+            done.free.record(torch.cuda.current_stream(self._device))
         self._issue()
         if self.timing:
             self._harvest(block=False)
@@ -259,11 +277,11 @@ class OffloadEngine:
             return
         buffer = torch.empty(self.native.nbytes, dtype=torch.uint8, device=self._device)
         if host.format == NATIVE:
-            upload(host, buffer, None, None)
+            buffer[: host.nbytes].copy_(host.slab, non_blocking=True)
         else:
             staging = torch.empty(host.nbytes, dtype=torch.uint8, device=self._device)
             staging.copy_(host.slab, non_blocking=True)
-            run_ops(upload_ops(self.native, host.layout, buffer, staging))
+            dequantise(dequant_ops(self.native, host.layout, buffer, staging))
             del staging  # stream-ordered free
         point_layer(self.layers[i], self.native, buffer)
         self._resident_buffers[i] = buffer
@@ -280,16 +298,15 @@ class OffloadEngine:
     def _build_ring(self) -> None:
         self._streamed = list(range(self.plan.resident_layers, self.num_layers))
         self._queue.clear()
-        self._next_pos = self._next_slot = 0
+        self._next_pos = self._next_slot = self._next_compute = 0
         if not self._streamed:
             return
         depth = min(self.plan.prefetch_depth, len(self._streamed))
         self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._device)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
-            for slot in self._ring.slots:
-                slot.copy_done = torch.cuda.Event()
-                slot.free = torch.cuda.Event()
+            if self._ring.staged:
+                self._dequant_stream = torch.cuda.Stream(self._device)
         self._resync(self._streamed[0])  # prime: the prompt pass's first streamed layers start copying now
 
     def _drop_ring(self) -> None:
@@ -298,7 +315,7 @@ class OffloadEngine:
         if self._ring is not None:
             self._ring.close()
         self._ring = None
-        self._copy_stream = None
+        self._copy_stream = self._dequant_stream = None
         self._queue.clear()
         self._pending_copy.clear()
         self._pending_wait.clear()
@@ -384,6 +401,12 @@ class OffloadEngine:
         """Restart the cyclic copy order at streamed layer `index` (first use, or an aborted pass).
         Copies still in flight are harmless: the copy stream runs in order."""
         self._queue.clear()
+        if self.is_cuda:
+            # An aborted pass may have left a layer computing without its "free" record:
+            # order every buffer's reuse after all compute enqueued so far.
+            compute = torch.cuda.current_stream(self._device)
+            for buffer in self._ring.computes if self._ring.staged else self._ring.slots:
+                buffer.free.record(compute)
         self._next_pos = self._streamed.index(index)
         for _ in range(len(self._ring)):
             self._issue()
@@ -396,25 +419,44 @@ class OffloadEngine:
         self._next_slot = (self._next_slot + 1) % len(ring)
         host = self._host[layer]
         slot.layer = layer
+        dst = slot.buffer[: host.nbytes]
         if self.is_cuda:
             stream = self._copy_stream
             stream.wait_event(slot.free)
             with torch.cuda.stream(stream):
-                dst = slot.staging if slot.staging is not None else slot.buffer
                 if self.timing:
                     e0, e1 = self._events.get(), self._events.get()
                     e0.record(stream)
-                    dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+                    dst.copy_(host.slab, non_blocking=True)
                     e1.record(stream)
                     self._pending_copy.append((e0, e1))
                 else:
-                    dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+                    dst.copy_(host.slab, non_blocking=True)
                 slot.copy_done.record(stream)
         else:
-            ring.fill(slot, host)
+            dst.copy_(host.slab)
         self._copies += 1
         self._bytes += host.nbytes
-        self._queue.append((layer, slot))
+        self._queue.append(_Use(layer, slot))
+
+    def _dequantise(self, use: _Use) -> None:
+        """fp8: enqueue the dequantisation of `use`'s staging slot into the next compute buffer,
+        after its copy and after the compute stream is done with that buffer's last layer."""
+        ring = self._ring
+        compute = ring.computes[self._next_compute]
+        self._next_compute = (self._next_compute + 1) % len(ring.computes)
+        ops = compute.ops[use.slot.index]
+        if self.is_cuda:
+            stream = self._dequant_stream
+            stream.wait_event(use.slot.copy_done)
+            stream.wait_event(compute.free)
+            with torch.cuda.stream(stream):
+                dequantise(ops)
+            use.slot.free.record(stream)
+            compute.ready.record(stream)
+        else:
+            dequantise(ops)
+        use.compute = compute
 
     # --- statistics ---------------------------------------------------------------------------
 

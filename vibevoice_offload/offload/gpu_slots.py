@@ -1,15 +1,17 @@
 """A fixed ring of GPU slots that streamed decoder layers are copied into.
 
-Each slot owns one flat device buffer laid out as the layer's NATIVE slab layout (sized
-for the largest streamed layer: all Qwen2 layers are equal), and a "slot module": a
-decoder-layer module built once from the model's own layer structure whose parameters
-are views into that buffer. Running streamed layer i means: its slab was copied into the
-slot, set `slot.module.self_attn.layer_idx = i` (the KV cache index), call the module.
+Each slot owns one flat device buffer. For bf16 streaming it is laid out as the layer's
+NATIVE slab layout (sized for the largest streamed layer: all Qwen2 layers are equal) and
+backs a "slot module": a decoder-layer module built once from the model's own layer
+structure whose parameters are views into that buffer. Running streamed layer i means: its
+slab was copied into the slot, set `slot.module.self_attn.layer_idx = i` (the KV cache
+index), call the module.
 
-For fp8 streaming a slot is an fp8 staging buffer (the layer's fp8 slab bytes): the H2D
-copy lands there and the weights are dequantised on the GPU into one shared model-dtype
-compute buffer (`out.copy_(q); out.mul_(scale[:, None])`: two in-place kernels per
-linear, no temporary allocation), on the compute stream just before the layer runs.
+For fp8 streaming a slot is only an fp8 staging buffer (the layer's fp8 slab bytes): the
+H2D copy lands there, and the weights are dequantised on the GPU (`dequant.py`), on a
+stream of their own, into one of COMPUTE_BUFFERS model-dtype compute buffers. With two
+compute buffers the next layer is dequantised while the current one computes, so the
+dequantisation leaves the compute stream's critical path.
 
 Nothing here allocates after construction.
 """
@@ -17,13 +19,16 @@ Nothing here allocates after construction.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, point_layer
+from .dequant import DequantOp, dequant_ops
+from .host_slabs import FP8, SlabLayout, point_layer
 
+# fp8 streaming: one buffer the current layer computes from, one the next is dequantised into.
+COMPUTE_BUFFERS = 2
 
 def make_shell(template: nn.Module) -> nn.Module:
     """A structural copy of `template` whose tensors are on the meta device (no data copied)."""
@@ -35,54 +40,44 @@ def make_shell(template: nn.Module) -> nn.Module:
     return copy.deepcopy(template, memo)
 
 
+def _layer_module(template: nn.Module, native: SlabLayout, buffer: torch.Tensor) -> nn.Module:
+    module = make_shell(template)
+    point_layer(module, native, buffer)
+    return module
+
+
 @dataclass
 class Slot:
+    """One ring slot: the device buffer a streamed layer's host slab is copied into."""
+
     index: int
-    buffer: torch.Tensor  # flat uint8, NATIVE layout, on the device
-    staging: torch.Tensor | None  # flat uint8, FP8 layout (fp8 streaming only)
-    module: nn.Module
-    ops: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (dst, src, row scale) per staged tensor
+    buffer: torch.Tensor  # flat uint8: NATIVE layout (bf16 streaming) or FP8 staging layout
+    module: nn.Module | None  # bf16: the layer module running from `buffer`; fp8: None
     layer: int | None = None  # the layer whose copy was last issued into this slot
-    copy_done: object | None = None  # event recorded on the copy stream when the slot holds `layer`
-    free: object | None = None  # event recorded on the compute stream when `layer` was last used
-    timing: list = field(default_factory=list)
+    copy_done: torch.cuda.Event | None = None  # recorded on the copy stream once the slot holds `layer`
+    # Recorded when the slot may be overwritten: bf16, on the compute stream after `layer`
+    # ran; fp8, on the dequantisation stream after `layer` was dequantised out of it.
+    free: torch.cuda.Event | None = None
 
 
+@dataclass
+class ComputeBuffer:
+    """fp8 streaming: a model-dtype layer buffer and module that staged layers are dequantised into."""
 
-def upload_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list:
-    """Per tensor: (destination view in `dst`, source view in `staging`, row scales or None)."""
-    src = stream.by_name()
-    ops = []
-    for entry in native.entries:
-        s = src[entry.name]
-        scale = src[entry.name + ".__scale"].view(staging)[:, None] if s.role == "q" else None
-        ops.append((entry.view(dst), s.view(staging), scale))
-    return ops
-
-
-def run_ops(ops: list) -> None:
-    for dst, src, scale in ops:
-        dst.copy_(src)
-        if scale is not None:
-            dst.mul_(scale)
-
-
-def upload(host: HostLayer, dst: torch.Tensor, staging: torch.Tensor | None, ops: list | None) -> None:
-    """Enqueue `host` into `dst` on the current stream (H2D copy; fp8: then dequantise on the device)."""
-    if host.format == NATIVE:
-        dst[: host.nbytes].copy_(host.slab, non_blocking=True)
-        return
-    assert staging is not None and ops is not None
-    staging[: host.nbytes].copy_(host.slab, non_blocking=True)
-    run_ops(ops)
+    buffer: torch.Tensor  # flat uint8, NATIVE layout
+    module: nn.Module
+    ops: list[list[DequantOp]]  # per staging slot: the ops that dequantise it into `buffer`
+    ready: torch.cuda.Event | None = None  # recorded on the dequantisation stream when the layer is in `buffer`
+    free: torch.cuda.Event | None = None  # recorded on the compute stream after the layer in `buffer` ran
 
 
 def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
-    slots; fp8, `depth` staging slots of `staged_bytes` plus one shared compute buffer."""
+    slots; fp8, `depth` staging slots of `staged_bytes` plus COMPUTE_BUFFERS layer-sized
+    compute buffers."""
     if depth == 0:
         return 0
-    return depth * native_bytes if staged_bytes is None else native_bytes + depth * staged_bytes
+    return depth * native_bytes if staged_bytes is None else COMPUTE_BUFFERS * native_bytes + depth * staged_bytes
 
 
 class SlotRing:
@@ -91,54 +86,42 @@ class SlotRing:
     bf16 (NATIVE) streaming: each slot is a compute slot with its own slot module; the layer
     runs straight from the slot it was copied into.
 
-    fp8 streaming: each slot is only an fp8 staging buffer (half a layer), and ONE shared
-    compute buffer + module holds the dequantised layer. The dequantisation is enqueued on
-    the compute stream right before the layer runs (an in-order stream needs one compute
-    buffer), so the copy stream never waits for compute to free a model-dtype slot: the
-    ring can run `depth` layers ahead for half the bytes per slot.
+    fp8 streaming: each slot is only an fp8 staging buffer (half a layer), and the layers
+    run from COMPUTE_BUFFERS shared compute buffers that the engine dequantises into, in
+    turn. A staging slot is free as soon as its layer is dequantised, so the copy stream
+    never waits for compute: the ring runs `depth` layers ahead for half the bytes per slot.
     """
 
     def __init__(self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, device: torch.device) -> None:
         if depth < 1:
             raise ValueError("a slot ring needs at least one slot")
-        self.native, self.stream_layout, self.device = native, stream, device
         self.staged = stream.format == FP8
-        self.slots: list[Slot] = []
-        self.compute: torch.Tensor | None = None
-        self.compute_module: nn.Module | None = None
         if self.staged:
-            self.compute = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-            self.compute_module = make_shell(template)
-            point_layer(self.compute_module, native, self.compute)
-        for i in range(depth):
-            if self.staged:
-                staging = torch.empty(stream.nbytes, dtype=torch.uint8, device=device)
-                ops = upload_ops(native, stream, self.compute, staging)
-                self.slots.append(Slot(i, self.compute, staging, self.compute_module, ops))
-            else:
+            self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
+            self.computes: list[ComputeBuffer] = []
+            for _ in range(COMPUTE_BUFFERS):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-                module = make_shell(template)
-                point_layer(module, native, buffer)
-                self.slots.append(Slot(i, buffer, None, module, None))
+                ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in self.slots]
+                self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
+        else:
+            self.slots = []
+            for i in range(depth):
+                buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
+                self.slots.append(Slot(i, buffer, _layer_module(template, native, buffer)))
+            self.computes = []
+        if device.type == "cuda":
+            for slot in self.slots:
+                slot.copy_done, slot.free = torch.cuda.Event(), torch.cuda.Event()
+            for compute in self.computes:
+                compute.ready, compute.free = torch.cuda.Event(), torch.cuda.Event()
 
     def __len__(self) -> int:
         return len(self.slots)
 
     @property
     def nbytes(self) -> int:
-        if self.staged:
-            return self.compute.numel() + sum(s.staging.numel() for s in self.slots)
-        return sum(s.buffer.numel() for s in self.slots)
-
-    def fill(self, slot: Slot, host: HostLayer) -> None:
-        """Enqueue the H2D copy of `host` into `slot` (fp8: into its staging buffer only)."""
-        dst = slot.staging if slot.staging is not None else slot.buffer
-        dst[: host.nbytes].copy_(host.slab, non_blocking=True)
+        return sum(s.buffer.numel() for s in self.slots) + sum(c.buffer.numel() for c in self.computes)
 
     def close(self) -> None:
-        for slot in self.slots:
-            slot.module = None  # type: ignore[assignment]
-            slot.ops = []
-            slot.copy_done = slot.free = None
         self.slots.clear()
-        self.compute = self.compute_module = None
+        self.computes.clear()

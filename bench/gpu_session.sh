@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU work of a session, one phase per call of the device tool (each under its 10-minute
+# limit; logs and results land in $OUT). The GPU image lacks diffusers and nvidia-ml-py:
+# their Python 3.12 wheels travel in the ignored .whl/ folder, and ComfyUI (for the GPU
+# eviction test) in .cache/comfyui, so a call carries [".whl", ".cache/comfyui"]:
+#
+#   run(kind="nvidia-h100-x1", carry=[".whl", ".cache/comfyui"], command="bash bench/gpu_session.sh check")
+#
+# Phases:
+#   check    GPU tests (-m gpu), dequantisation kernels, this project's Large rows (60 frames)
+#   large    offload_bench: Large, this project and every peer, 150 frames
+#   small    offload_bench: 1.5B, this project and every peer; transformers' generate
+#   planner  planner_accuracy (issue 4's table)
+set -uo pipefail
+phase=${1:?phase: check | large | small | planner}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
+case $phase in
+  check)
+    timeout 90 python3 bench/dequant_kernels.py --size Large --out "$OUT"
+    timeout 60 python3 bench/dequant_kernels.py --size 1.5B --out "$OUT"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    timeout 200 python3 bench/offload_bench.py --models Large --methods ours --frames 60 2>&1 | tee "$OUT/ours-Large.log"
+    ;;
+  large)
+    timeout 570 python3 bench/offload_bench.py --models Large --all-slow --methods ours diffusers seed accelerate 2>&1 | tee "$OUT/bench-Large.log"
+    ;;
+  small)
+    timeout 330 python3 bench/offload_bench.py --models 1.5B --all-slow 2>&1 | tee "$OUT/bench-1.5B.log"
+    mkdir -p "$OUT/generate"
+    timeout 230 python3 bench/offload_bench.py --models Large --methods generate --out "$OUT/generate" 2>&1 | tee "$OUT/bench-generate.log"
+    ;;
+  planner)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_planner_engine.py -k cuda 2>&1 | tee "$OUT/planner-engine-gpu.log"
+    timeout 440 python3 bench/planner_accuracy.py --out "$OUT" 2>&1 | tee "$OUT/planner-accuracy.log"
+    ;;
+esac
+ls -la "$OUT"
