@@ -5,13 +5,11 @@
 
 One decoder layer at the real shape (random bf16 weights), packed into its fp8 host slab
 as the engine does; the staged slab on the GPU is dequantised into a model-dtype buffer by
-`gpu_slots.run_ops` (per linear: `dst.copy_(q); dst.mul_(scale)`, float32 row scales), and
-for comparison by variants: the multiply with bfloat16 scales, the cast alone (no scale),
-and a fused one-pass Triton kernel when Triton is present. Also timed: the layer's decode
-step at batch 2 (both CFG branches, 400 cached positions), and 20 dequantisations on a side
-stream while the compute stream runs 20 decode steps (the engine's fp8 pipeline) against
-the two run back to back. Medians of CUDA-event timings after warm-up. Writes
-<out>/<card>-<yyyymmdd>-dequant.json.
+`dequant.dequantise`, with the fused Triton kernel and with torch's kernels (`copy_`, then
+`mul_` by the float32 row scales). Also timed: the layer's decode step at batch 2 (both CFG
+branches, 400 cached positions), and 20 dequantisations on a side stream while the compute
+stream runs 20 decode steps (the engine's fp8 pipeline) against the two back to back.
+Medians of CUDA-event timings after warm-up. Writes <out>/<card>-<yyyymmdd>-dequant-<size>.json.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from vibevoice_offload.offload.gpu_slots import run_ops, upload_ops  # noqa: E402
+from vibevoice_offload.offload.dequant import _fused_kernel, dequant_ops, dequantise  # noqa: E402
 from vibevoice_offload.offload.host_slabs import FP8, NATIVE, SlabLayout, pack_layer  # noqa: E402
 from vibevoice_offload.planner import load_size_config  # noqa: E402
 
@@ -47,34 +45,6 @@ def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
         e1.synchronize()
         times.append(e0.elapsed_time(e1))
     return statistics.median(times)
-
-
-def triton_dequant():
-    """A fused fp8 -> bf16 x row-scale kernel (one read, one write), or None without Triton."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def kernel(q_ptr, s_ptr, out_ptr, cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < cols
-        q = tl.load(q_ptr + row * cols + offs, mask=mask).to(tl.float32)
-        scale = tl.load(s_ptr + row)
-        tl.store(out_ptr + row * cols + offs, (q * scale).to(tl.bfloat16), mask=mask)
-
-    def run(ops):
-        for dst, src, scale in ops:
-            if scale is None:
-                dst.copy_(src)
-                continue
-            rows, cols = src.shape
-            kernel[(rows, triton.cdiv(cols, 4096))](src, scale, dst, cols, BLOCK=4096)
-
-    return run
 
 
 def main() -> int:
@@ -99,22 +69,14 @@ def main() -> int:
     staging = torch.empty(fp8.nbytes, dtype=torch.uint8, device="cuda")
     staging[: host.nbytes].copy_(host.slab)
     out = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")
-    ops = upload_ops(native, fp8, out, staging)
-    bf16_ops = [(d, s, None if sc is None else sc.to(torch.bfloat16)) for d, s, sc in ops]
-    cast_ops = [(d, s, None) for d, s, _ in ops]
+    ops = dequant_ops(native, fp8, out, staging)
 
     rows: dict[str, float] = {"layer_gb": native.nbytes / 1e9, "fp8_slab_gb": fp8.nbytes / 1e9}
-    rows["engine_run_ops_ms"] = timed(lambda: run_ops(ops))
-    rows["bf16_scales_ms"] = timed(lambda: run_ops(bf16_ops))
-    rows["cast_only_ms"] = timed(lambda: run_ops(cast_ops))
-    fused = triton_dequant()
-    if fused is not None:
-        rows["triton_fused_ms"] = timed(lambda: fused(ops))
-        reference = out.clone()
-        run_ops(ops)
-        reference.copy_(out)
-        fused(ops)
-        rows["triton_matches_engine"] = bool(torch.equal(reference, out))
+    rows["fused_kernel_available"] = _fused_kernel(out.device) is not None
+    rows["torch_kernels_ms"] = timed(lambda: dequantise(ops, fused_kernel=False))
+    reference = out.clone()
+    rows["fused_kernel_ms"] = timed(lambda: dequantise(ops))
+    rows["fused_matches_torch"] = bool(torch.equal(reference, out))
 
     # a decode step of both CFG branches with 400 cached positions
     rotary = Qwen2RotaryEmbedding(text).to("cuda")
@@ -136,14 +98,14 @@ def main() -> int:
 
         def serial():
             for _ in range(20):
-                run_ops(ops)
+                dequantise(ops)
                 step()
 
         def overlapped():
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(20):
-                    run_ops(ops)
+                    dequantise(ops)
             for _ in range(20):
                 step()
             torch.cuda.current_stream().wait_stream(side)

@@ -6,17 +6,21 @@
 #
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".cache/comfyui"], command="bash bench/gpu_session.sh check")
 #
-# Phases:
+# Phases (the offload benchmark is split over three calls; each later one resumes the JSON
+# the earlier one wrote, copied into bench/results/ in between):
 #   check    GPU tests (-m gpu), dequantisation kernels, this project's Large rows (60 frames)
-#   large    offload_bench: Large, this project and every peer, 150 frames
-#   small    offload_bench: 1.5B, this project and every peer; transformers' generate
+#   large    offload_bench: Large, this project (150 frames) and diffusers
+#   peers    offload_bench: Large, the seed design, accelerate, transformers' generate
+#   small    offload_bench: 1.5B, this project and every peer
 #   planner  planner_accuracy (issue 4's table)
 set -uo pipefail
-phase=${1:?phase: check | large | small | planner}
+phase=${1:?phase: check | large | peers | small | planner}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/[^A-Za-z0-9]+/-/g; s/^-|-$//g')
+RUN="bench/results/$card-$(date +%Y%m%d).json"  # the offload benchmark's JSON so far
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
 case $phase in
   check)
@@ -27,12 +31,15 @@ case $phase in
     timeout 200 python3 bench/offload_bench.py --models Large --methods ours --frames 60 2>&1 | tee "$OUT/ours-Large.log"
     ;;
   large)
-    timeout 570 python3 bench/offload_bench.py --models Large --all-slow --methods ours diffusers seed accelerate 2>&1 | tee "$OUT/bench-Large.log"
+    timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
+    ;;
+  peers)
+    timeout 570 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate --all-slow \
+      --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
     ;;
   small)
-    timeout 330 python3 bench/offload_bench.py --models 1.5B --all-slow 2>&1 | tee "$OUT/bench-1.5B.log"
-    mkdir -p "$OUT/generate"
-    timeout 230 python3 bench/offload_bench.py --models Large --methods generate --out "$OUT/generate" 2>&1 | tee "$OUT/bench-generate.log"
+    timeout 570 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
+      2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
   planner)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_planner_engine.py -k cuda 2>&1 | tee "$OUT/planner-engine-gpu.log"

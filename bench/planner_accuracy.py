@@ -52,6 +52,7 @@ Smoke test on a CPU (tiny model, budgets scaled to it, a few frames):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -130,6 +131,7 @@ class Accuracy:
         self.path = out / f"{slug}-{self.date}-planner{'-quick' if args.quick else ''}.json"
         self.rows: list[dict] = []
         self.t_resident: dict[str, float] = {}
+        self.decoder_ms: dict[str, float] = {}  # the decoder pass inside T_resident (GPU timeline)
         self.started = time.perf_counter()
         log(f"card {self.card}; link {self.link:.1f} GB/s ({self.link_source}); torch {torch.__version__}; writing {self.path}")
 
@@ -172,11 +174,11 @@ class Accuracy:
             "link_source": self.link_source,
             "torch": torch.__version__,
             "t_resident_ms": self.t_resident,
+            "decoder_pass_ms": self.decoder_ms,
             "quick": self.args.quick,
             "row_keys": list(ROW_KEYS),
             "planner": {
-                "resident_frame_ms": {k: {"ms": v.ms, "measured": v.measured, "source": v.source} for k, v in planner.RESIDENT_FRAME.items()},
-                "decoder_share_of_resident_frame": planner.DECODER_SHARE_OF_RESIDENT_FRAME,
+                "resident_frame": {k: dataclasses.asdict(v) for k, v in planner.RESIDENT_FRAME.items()},
                 "fp8_dequant_ms_per_gb": planner.FP8_DEQUANT_MS_PER_GB,
                 "allocator_slack": [float(planner.ALLOCATOR_SLACK_FRACTION), planner.ALLOCATOR_SLACK_FIXED],
             },
@@ -215,6 +217,7 @@ class Accuracy:
             row = runner.run(full, mode="no-offload", budget_bytes=None, frames=MAX_FRAMES if not self.args.quick else 4)
             if row.get("measured_ms_per_frame"):
                 self.t_resident[label] = row["measured_ms_per_frame"]
+                self.decoder_ms[label] = row["decoder_pass_ms"]
             self.add(row, runner)
             budgets = self.budgets(runner)
             for stream_dtype in STREAM_DTYPES:
@@ -277,7 +280,9 @@ class Accuracy:
         t_res = self.t_resident.get(runner.model_name)
         if t_res and row.get("resident_layers") is not None and "error" not in row:
             plan = OffloadPlan(row["resident_layers"], row["stream_dtype"], max(row.get("prefetch_depth") or 2, 2), True, row.get("embed_on_host", False))
-            row["predicted_ms_per_frame_run_t_resident"] = planner.predict_ms_per_frame(runner.config, plan, self.link, t_res, dtype=runner.dtype)
+            row["predicted_ms_per_frame_run_t_resident"] = planner.predict_ms_per_frame(
+                runner.config, plan, self.link, t_res, decoder_ms=self.decoder_ms.get(runner.model_name), dtype=runner.dtype,
+            )
         self.rows.append(row)
         self.write()
         if log_it:

@@ -152,16 +152,17 @@ def tiny_random_model(seed: int = 1) -> nn.Module:
 
 def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype, *, embed_on_host: bool = False) -> list[int]:
     """VRAM budgets in bytes scaled to a small model (`tiny_random_model`): every decoder layer
-    streamed, about half resident, all resident (the estimates of bf16 streaming, depth 2)."""
+    streamed (room for either stream dtype's ring), about half resident, all resident (the
+    estimates of depth-2 rings)."""
     n = config.text_config.num_hidden_layers
 
-    def need(resident: int) -> int:
+    def need(resident: int, stream_dtype: str = "bf16") -> int:
         return planner.estimate(
-            config, OffloadPlan(resident, "bf16", embed_on_host=embed_on_host), dtype=dtype, voice_samples=workload.voice_samples,
-            max_frames=workload.max_frames, text_tokens=workload.text_tokens,
+            config, OffloadPlan(resident, stream_dtype, embed_on_host=embed_on_host), dtype=dtype,
+            voice_samples=workload.voice_samples, max_frames=workload.max_frames, text_tokens=workload.text_tokens,
         ).total_vram
 
-    return [need(0) + 1000, need(n // 2), need(n)]
+    return [max(need(0), need(0, "fp8")) + 1000, need(n // 2), need(n)]
 
 
 def bench_prompt(config, voice_seconds: float = VOICE_SECONDS, script: str = SCRIPT):
@@ -403,6 +404,7 @@ class CaseRunner:
             row["copy_ms_per_frame"] = stats.get("offload_copy_ms", 0.0) / passes
             row["wait_ms_per_frame"] = stats.get("offload_wait_ms", 0.0) / passes
             row["copy_link_gbps"] = stats.get("offload_link_gbps") or None
+            row["decoder_pass_ms"] = stats.get("offload_decoder_pass_ms")
         except Exception as exc:  # noqa: BLE001 - a case that fails is a result (an OOM under the budget above all)
             oom = isinstance(exc, torch.OutOfMemoryError)
             row["error"] = ("OOM under the emulated budget: " if oom else "") + f"{type(exc).__name__}: {str(exc)[:400]}"

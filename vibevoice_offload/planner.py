@@ -736,6 +736,7 @@ def plan_auto(
     workload: Workload = DEFAULT_WORKLOAD,
     link_gbps: float | None = None,
     resident_ms: float | None = None,
+    decoder_ms: float | None = None,
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
@@ -748,7 +749,8 @@ def plan_auto(
     of S slots can only get S layers ahead while the diffusion head and tokenizers run
     (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at small
     budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
-    `link_bandwidth_gbps()`, `resident_ms` to the model size's T_resident.
+    `link_bandwidth_gbps()`, `resident_ms` and `decoder_ms` to the model size's
+    `ResidentFrame`.
     """
     n = config.text_config.num_hidden_layers
     first = OffloadPlan(0, stream_dtype, 2 if prefetch_depth is None else prefetch_depth, pinned, embed_on_host)
@@ -758,14 +760,14 @@ def plan_auto(
     if prefetch_depth is not None or plan.resident_layers == n:
         return plan
     link = link_bandwidth_gbps() if link_gbps is None else link_gbps
-    best, best_ms = plan, predict_ms_per_frame(config, plan, link, resident_ms, dtype=dtype)
+    best, best_ms = plan, predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
     for depth in range(3, n + 1):
         candidate, need = _most_resident(config, budget_bytes, dataclasses.replace(first, prefetch_depth=depth), dtype, workload)
         if need > budget_bytes:
             break  # a deeper ring only needs more
         if n - candidate.resident_layers < depth:
             continue  # fewer layers to stream than slots: the same ring as a shallower depth
-        ms = predict_ms_per_frame(config, candidate, link, resident_ms, dtype=dtype)
+        ms = predict_ms_per_frame(config, candidate, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         if ms < best_ms * (1 - AUTO_DEPTH_GAIN):
             best, best_ms = candidate, ms
     return best
@@ -843,21 +845,25 @@ LINK_CROSSINGS_PER_FRAME = 1  # m: our loop passes both CFG branches through a l
 
 @dataclass(frozen=True)
 class ResidentFrame:
-    """T_resident: the frame time with every decoder layer on the GPU."""
+    """T_resident: the frame time with every decoder layer on the GPU, and the part of it the
+    decoder pass takes on the GPU's timeline (the engine's `offload_decoder_pass_ms`): the
+    ring overlaps copies with the rest of the frame (diffusion head, tokenizers, sampling),
+    which a ring of S slots can only get S layers ahead of."""
 
     ms: float
+    decoder_ms: float
     measured: bool
     source: str
 
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        88.2, True,
+        88.2, 22.9, True,
         "NVIDIA H200, this project's frame loop, 10 steps, cfg 1.3, median of 60 frames; "
         "bench/results/NVIDIA-H200-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        88.2, False,
+        88.2, 22.9, False,
         "no final 1.5B measurement exists; Large's H200 figure, since the loop is launch-bound, not "
         "weight-bound: the same 28 layers and about the same kernel launches per frame (4,464 for 1.5B in "
         "run0, 4,721 for Large)",
@@ -867,14 +873,6 @@ RESIDENT_FRAME = {
 (`bench/planner_accuracy.py` records one per card under "t_resident_ms")."""
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
-# What the ring sees of a resident frame. Synchronised stage timers put the decoder pass
-# at 51% of a Large frame (40.8 of 79.7 ms), but they serialise host and GPU; in the free
-# running loop the host queues the decoder pass far ahead and the launch-bound diffusion
-# head and tokenizers dominate. Fitted to the six offloaded rows of the H200 run
-# (bench/results/NVIDIA-H200-20261127.json: bf16 and fp8, depth 4-14, 0-9 resident):
-# all within 4.3% with 0.26; checked on the six held-out depth-2 rows of
-# NVIDIA-H200-20261127-run1-depth2.json (another machine, T_resident 130 ms): within 11%.
-DECODER_SHARE_OF_RESIDENT_FRAME = 0.26
 # GPU time to dequantise a streamed fp8 layer (dequant.dequantise, the fused kernel), per GB
 # of model-dtype layer: 0.385 ms for a Large layer (0.466 GB) on an H100
 # (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json).
@@ -907,7 +905,7 @@ def resident_frame(config: VibeVoiceConfig) -> ResidentFrame:
     if frame is not None:
         return frame
     large = RESIDENT_FRAME["Large"]
-    return ResidentFrame(large.ms, False, f"an unreleased shape: Large's figure ({large.source})")
+    return ResidentFrame(large.ms, large.decoder_ms, False, f"an unreleased shape: Large's figure ({large.source})")
 
 
 def default_resident_ms(config: VibeVoiceConfig) -> float:
@@ -1003,18 +1001,22 @@ def predict_ms_per_frame(
     link_gbps: float,
     resident_ms: float | None = None,
     *,
+    decoder_ms: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> float:
     """Predicted ms per frame: `simulate_frame_ms` of the plan's ring, with T_resident
-    (`resident_ms`, default per model size) split into decoder layers
-    (DECODER_SHARE_OF_RESIDENT_FRAME) and the rest, copies of each streamed layer's link
-    bytes at `link_gbps`, and for fp8 the dequantisation (FP8_DEQUANT_MS_PER_GB of the
-    model-dtype layer). Never below `bound_ms_per_frame`."""
+    (`resident_ms`, default per model size) split into the decoder pass (`decoder_ms`;
+    default: the size's measured share of T_resident, `ResidentFrame`) and the rest, copies
+    of each streamed layer's link bytes at `link_gbps`, and for fp8 the dequantisation
+    (FP8_DEQUANT_MS_PER_GB of the model-dtype layer). Never below `bound_ms_per_frame`."""
     bound = bound_ms_per_frame(config, plan, link_gbps, resident_ms, dtype=dtype)  # rejects a link_gbps <= 0
-    t_resident = default_resident_ms(config) if resident_ms is None else resident_ms
+    frame = resident_frame(config)
+    t_resident = frame.ms if resident_ms is None else resident_ms
+    if decoder_ms is None:
+        decoder_ms = frame.decoder_ms / frame.ms * t_resident
     n = config.text_config.num_hidden_layers
     sizes = model_sizes(config, dtype)
-    layer_ms = DECODER_SHARE_OF_RESIDENT_FRAME * t_resident / n
+    layer_ms = decoder_ms / n
     streamed = range(plan.resident_layers, n)
     if not streamed:
         return t_resident
@@ -1101,6 +1103,7 @@ def plan_table(
     *,
     link_gbps: float | None = None,
     resident_ms: float | None = None,
+    decoder_ms: float | None = None,
     prefetch_depth: int | None = None,
     pinned: bool = True,
     embed_on_host: bool = False,
@@ -1115,7 +1118,7 @@ def plan_table(
 
     def row(mode: str, plan: OffloadPlan) -> PlanRow:
         est = _estimate_for(config, plan, dtype, workload)
-        ms = predict_ms_per_frame(config, plan, link, resident_ms, dtype=dtype)
+        ms = predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         fits = est.total_vram <= budget_bytes
         return PlanRow(
             mode=mode,
@@ -1134,7 +1137,7 @@ def plan_table(
     try:
         auto = plan_auto(
             config, budget_bytes, dtype=dtype, workload=workload, prefetch_depth=prefetch_depth,
-            link_gbps=link, resident_ms=resident_ms, **options,
+            link_gbps=link, resident_ms=resident_ms, decoder_ms=decoder_ms, **options,
         )
     except PlanError:
         auto = OffloadPlan(0, prefetch_depth=depth, **options)

@@ -39,9 +39,10 @@ def dequant_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, stagi
     return ops
 
 
-def dequantise(ops: list[DequantOp]) -> None:
-    """Enqueue `ops` on the current stream (nothing is allocated)."""
-    fused = _fused_kernel(ops[0][0].device) if ops else None
+def dequantise(ops: list[DequantOp], *, fused_kernel: bool = True) -> None:
+    """Enqueue `ops` on the current stream (nothing is allocated); `fused_kernel=False` forces
+    the torch kernels (to compare the two)."""
+    fused = _fused_kernel(ops[0][0].device) if ops and fused_kernel else None
     for dst, src, scale in ops:
         if scale is None:
             dst.copy_(src)

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import statistics
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -162,6 +163,8 @@ class OffloadEngine:
         self._events = _EventPool()
         self._pending_copy: deque = deque()
         self._pending_wait: deque = deque()
+        self._pending_pass: deque = deque()  # (start, end) events of whole decoder passes
+        self._pass_start: torch.cuda.Event | None = None
         self._stats_consumed = False
         self.reset_stats()
 
@@ -182,6 +185,9 @@ class OffloadEngine:
     def decoder_layer(self, index: int) -> nn.Module:
         if not self._loaded:
             self.load()
+        if index == 0 and self.timing:
+            self._pass_start = self._events.get()
+            self._pass_start.record(torch.cuda.current_stream(self._device))
         if index < self.plan.resident_layers:
             return self.layers[index]
         if not self._queue or self._queue[0].layer != index:
@@ -210,6 +216,11 @@ class OffloadEngine:
         return module
 
     def decoder_layer_done(self, index: int) -> None:
+        if index == self.num_layers - 1 and self._pass_start is not None:
+            end = self._events.get()
+            end.record(torch.cuda.current_stream(self._device))
+            self._pending_pass.append((self._pass_start, end))
+            self._pass_start = None
         if index < self.plan.resident_layers or not self._queue or self._queue[0].layer != index:
             return
         use = self._queue.popleft()
@@ -319,6 +330,8 @@ class OffloadEngine:
         self._queue.clear()
         self._pending_copy.clear()
         self._pending_wait.clear()
+        self._pending_pass.clear()
+        self._pass_start = None
         self._events = _EventPool()
 
     def unload(self) -> None:
@@ -467,17 +480,28 @@ class OffloadEngine:
         self._bytes = 0
         self._copy_ms = 0.0
         self._wait_ms = 0.0
+        self._pass_ms: list[float] = []
         self._passes = 0
         self._stats_consumed = False
 
     def _harvest(self, block: bool) -> None:
-        if block and self.is_cuda and (self._pending_copy or self._pending_wait):
+        if block and self.is_cuda and (self._pending_copy or self._pending_wait or self._pending_pass):
             torch.cuda.synchronize(self._device)
-        for pending, attr in ((self._pending_copy, "_copy_ms"), (self._pending_wait, "_wait_ms")):
+        for pending, add in (
+            (self._pending_copy, self._add_copy_ms),
+            (self._pending_wait, self._add_wait_ms),
+            (self._pending_pass, self._pass_ms.append),
+        ):
             while pending and (block or pending[0][1].query()):
                 e0, e1 = pending.popleft()
-                setattr(self, attr, getattr(self, attr) + e0.elapsed_time(e1))
+                add(e0.elapsed_time(e1))
                 self._events.put(e0, e1)
+
+    def _add_copy_ms(self, ms: float) -> None:
+        self._copy_ms += ms
+
+    def _add_wait_ms(self, ms: float) -> None:
+        self._wait_ms += ms
 
     def stats(self) -> dict[str, Any]:
         """Offload statistics since the run began (reset by the next run's first KV cache).
@@ -499,6 +523,9 @@ class OffloadEngine:
             "offload_host_bytes": self.host_bytes,
         }
         if self.timing:
+            # GPU time from the first decoder layer's start to the last one's end, median over
+            # the passes: with everything resident, the part of T_resident the ring overlaps.
+            out["offload_decoder_pass_ms"] = statistics.median(self._pass_ms) if self._pass_ms else 0.0
             out["offload_copy_ms"] = self._copy_ms
             out["offload_wait_ms"] = self._wait_ms
             out["offload_link_gbps"] = self._bytes / (self._copy_ms * 1e6) if self._copy_ms > 0 else 0.0
