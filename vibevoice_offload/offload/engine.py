@@ -165,6 +165,7 @@ class OffloadEngine:
         self._pending_wait: deque = deque()
         self._pending_pass: deque = deque()  # (start, end) events of whole decoder passes
         self._pass_start: torch.cuda.Event | None = None
+        self._pass_ms: list[float] = []
         self._stats_consumed = False
         self.reset_stats()
 
@@ -480,7 +481,7 @@ class OffloadEngine:
         self._bytes = 0
         self._copy_ms = 0.0
         self._wait_ms = 0.0
-        self._pass_ms: list[float] = []
+        self._pass_ms = []
         self._passes = 0
         self._stats_consumed = False
 
