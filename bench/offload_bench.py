@@ -239,6 +239,8 @@ class Bench:
         row["crossings_per_frame"] = m
         row["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / GB if self.cuda else None
         row["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GB if self.cuda else None
+        if self.cuda:  # the allocator hitting the emulated budget frees its cache and retries (synchronising)
+            row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         row["host_ram_gb"] = (peak.peak / GB) if peak else None
         row["host_ram_over_base_gb"] = ((peak.peak - self.base_rss) / GB) if peak else None
         row["model_gb"] = model_bytes / GB

@@ -858,15 +858,14 @@ class ResidentFrame:
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        88.2, 22.9, True,
-        "NVIDIA H200, this project's frame loop, 10 steps, cfg 1.3, median of 60 frames; "
-        "bench/results/NVIDIA-H200-20261127.json",
+        88.3, 39.7, True,
+        "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop, 10 steps, cfg 1.3, median of 150 frames, "
+        "the faster of two runs; bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        88.2, 22.9, False,
-        "no final 1.5B measurement exists; Large's H200 figure, since the loop is launch-bound, not "
-        "weight-bound: the same 28 layers and about the same kernel launches per frame (4,464 for 1.5B in "
-        "run0, 4,721 for Large)",
+        88.3, 39.7, False,
+        "no 1.5B measurement yet; Large's H100 figure, since the loop is launch-bound, not weight-bound: the "
+        "same 28 layers and about the same kernel launches per frame (4,464 for 1.5B, 4,721 for Large, H200)",
     ),
 }
 """T_resident per released size. Large is measured; 1.5B has no final measurement yet
@@ -877,6 +876,15 @@ DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 # of model-dtype layer: 0.385 ms for a Large layer (0.466 GB) on an H100
 # (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json).
 FP8_DEQUANT_MS_PER_GB = 0.82
+# Two effects the H100 run (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json, Large, six
+# offloaded rows) showed, with the decoder pass timed on the GPU (offload_decoder_pass_ms):
+# while layers stream, the rest of the frame (the launch-bound diffusion head, tokenizers and
+# sampling) took 60-81 ms against 48.7 ms with everything resident; and each streamed fp8
+# layer held the launch-bound decoder pass about 1 ms longer (enqueueing its dequantisation:
+# 13 launches, 7 through Triton's Python launcher) without waiting for its copy. Fitted on
+# those six rows (all within 6%); bench/planner_accuracy.py checks them on other cases.
+STREAMING_SLOWS_THE_REST = 1.4
+FP8_STREAMED_LAYER_HOST_MS = 1.0
 
 # Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
 # 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
@@ -922,6 +930,7 @@ def simulate_frame_ms(
     *,
     staged: bool = False,
     dequant_ms: float = 0.0,
+    streamed_extra_ms: float = 0.0,
     frames: int = 10,
     warmup: int = 4,
 ) -> float:
@@ -936,8 +945,9 @@ def simulate_frame_ms(
     (`dequant_ms` each) run in order on their own stream, alongside compute, into one of two
     compute buffers: dequantisation j starts when copy j is done and layer j - 2 has left
     its buffer. A streamed layer starts when the compute stream is free and its copy (fp8:
-    its dequantisation) is done. So a ring of S slots can only get S layers ahead while the
-    diffusion head and tokenizers run: shallow rings leave the link idle there.
+    its dequantisation) is done, and takes `layer_ms + streamed_extra_ms`. So a ring of S
+    slots can only get S layers ahead while the diffusion head and tokenizers run: shallow
+    rings leave the link idle there.
     """
     streamed = num_layers - resident
     if streamed <= 0:
@@ -964,10 +974,10 @@ def simulate_frame_ms(
             if staged:
                 dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % 2]) + dequant_ms
                 slot_free[j % depth] = dequant_engine_free
-                t = max(t, dequant_engine_free) + layer_ms
+                t = max(t, dequant_engine_free) + layer_ms + streamed_extra_ms
                 buffer_free[j % 2] = t
             else:
-                t = max(t, copy_done[j]) + layer_ms
+                t = max(t, copy_done[j]) + layer_ms + streamed_extra_ms
                 slot_free[j % depth] = t
         t += other_ms
     return (t - starts[warmup]) / (frames - warmup)
@@ -1023,8 +1033,9 @@ def predict_ms_per_frame(
     link = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
     dequant_ms = FP8_DEQUANT_MS_PER_GB * max(sizes.layers[i] for i in streamed) / GB if plan.fp8 else 0.0
     simulated = simulate_frame_ms(
-        n, plan.resident_layers, plan.prefetch_depth, layer_ms, t_resident - n * layer_ms,
+        n, plan.resident_layers, plan.prefetch_depth, layer_ms, (t_resident - decoder_ms) * STREAMING_SLOWS_THE_REST,
         _copy_ms(link, link_gbps), staged=plan.fp8, dequant_ms=dequant_ms,
+        streamed_extra_ms=FP8_STREAMED_LAYER_HOST_MS if plan.fp8 else 0.0,
     )
     return max(simulated, bound)
 
