@@ -220,6 +220,7 @@ class Bench:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         row = {"model": model_name, "method": method, "stream_dtype": stream_dtype, "budget_gb": budget_gb or "full"}
         start = time.perf_counter()
         try:
@@ -240,7 +241,7 @@ class Bench:
         row["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / GB if self.cuda else None
         row["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GB if self.cuda else None
         if self.cuda:  # the allocator hitting the emulated budget frees its cache and retries (synchronising)
-            row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
         row["host_ram_gb"] = (peak.peak / GB) if peak else None
         row["host_ram_over_base_gb"] = ((peak.peak - self.base_rss) / GB) if peak else None
         row["model_gb"] = model_bytes / GB
