@@ -864,12 +864,14 @@ RESIDENT_FRAME = {
     ),
     "1.5B": ResidentFrame(
         88.3, 39.7, False,
-        "no 1.5B measurement yet; Large's H100 figure, since the loop is launch-bound, not weight-bound: the "
-        "same 28 layers and about the same kernel launches per frame (4,464 for 1.5B, 4,721 for Large, H200)",
+        "Large's H100 figure: the loop is launch-bound, not weight-bound (the same 28 layers, about the "
+        "same kernel launches per frame). Measured 1.5B on another H100 whose host ran Large at 128 ms: "
+        "122-137 ms (bench/results/NVIDIA-H100-80GB-HBM3-20261127*.json)",
     ),
 }
-"""T_resident per released size. Large is measured; 1.5B has no final measurement yet
-(`bench/planner_accuracy.py` records one per card under "t_resident_ms")."""
+"""T_resident per released size. The frame is bound by the host launching kernels, so it
+differs between machines of one GPU kind (88 and 128 ms for Large on two H100 machines):
+`bench/planner_accuracy.py` and `offload_bench.py` measure it per run."""
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
 # GPU time to dequantise a streamed fp8 layer (dequant.dequantise, the fused kernel), per GB
