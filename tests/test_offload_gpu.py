@@ -220,3 +220,26 @@ def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices):
     engine.close()
     assert fewer < full_bytes
     assert torch.equal(first, second) and torch.equal(first, third)
+
+
+def test_fused_dequantisation_matches_torch_kernels(mid_dir):
+    """The fused Triton kernel (where it is available) writes the same bits as torch's
+    copy_/mul_ for every tensor of a real layer's fp8 slab."""
+    from vibevoice_offload.offload.dequant import _fused_kernel, dequant_ops, dequantise
+    from vibevoice_offload.offload.host_slabs import FP8, NATIVE, SlabLayout, pack_layer
+
+    vv = load(mid_dir)
+    layer = vv.model.model.language_model.layers[0]
+    native, fp8 = SlabLayout.build(layer, NATIVE), SlabLayout.build(layer, FP8)
+    host = pack_layer(layer, fp8, pinned=True)
+    staging = torch.empty(fp8.nbytes, dtype=torch.uint8, device="cuda")
+    staging[: host.nbytes].copy_(host.slab)
+    out = torch.full((native.nbytes,), 7, dtype=torch.uint8, device="cuda")
+    ops = dequant_ops(native, fp8, out, staging)
+    dequantise(ops, fused_kernel=False)
+    expected = out.clone()
+    out.fill_(7)
+    dequantise(ops)
+    if _fused_kernel(out.device) is None:
+        pytest.skip("no fused kernel on this machine (Triton missing or failed its self-check)")
+    assert torch.equal(out, expected)
