@@ -160,7 +160,11 @@ def test_the_models_need_slab_padding(folders, name):
                          ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}")
 def test_estimate_against_cuda_allocations(folders, plan):
     """On the GPU the engine's count is real memory: memory_allocated() rises by the weight
-    estimate plus the caching allocator's rounding (each tensor up to a multiple of 512 bytes)."""
+    estimate plus the caching allocator's rounding: each tensor up to a multiple of 512
+    bytes, and a tensor over 1 MiB may keep an unsplit remainder of its block (the allocator
+    does not split off less than 1 MiB from a large block). On the H100 the cases with
+    embed_tokens on the GPU (a 311 MB tensor here) grew ~0.99 MB more than the 512-byte
+    rule allowed."""
     cp = load_checkpoint(folders["mid"], "bf16")
     est = _estimate(cp, plan)
     gc.collect()
@@ -170,10 +174,11 @@ def test_estimate_against_cuda_allocations(folders, plan):
     engine.load()
     torch.cuda.synchronize()
     grown = torch.cuda.memory_allocated() - before
-    tensors = sum(1 for t in (*cp.model.parameters(), *cp.model.buffers()) if t.is_cuda) + 8
+    on_device = [t for t in (*cp.model.parameters(), *cp.model.buffers()) if t.is_cuda]
+    large = sum(1 for t in on_device if t.numel() * t.element_size() > 2**20) + plan.resident_layers + 1  # + layer buffers, ring
     try:
         assert engine.resident_bytes == est.weights
-        assert est.weights <= grown < est.weights + 512 * tensors
+        assert est.weights <= grown < est.weights + 512 * (len(on_device) + 8) + 2**20 * large
     finally:
         engine.close()
 
