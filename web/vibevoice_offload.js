@@ -329,26 +329,32 @@ function drawPlan(ctx, node, width, y) {
   ctx.restore();
 }
 
-function setupConfigNode(node) {
-  if (node.vibevoicePlan) return;
-  node.vibevoicePlan = { status: "idle", plan: null, error: null, request: null, key: null, seq: 0, updates: 0, requests: 0, retries: 0, timer: null, abort: null };
-  node.addCustomWidget({
-    name: "vibevoice_plan",
-    type: "vibevoice_plan",
+// A widget that only draws on the node: never a node input, so kept out of widgets_values
+// and the API prompt; a drawing error is logged, never thrown into the canvas loop.
+function addDrawingWidget(node, name, what, drawFn, height) {
+  return node.addCustomWidget({
+    name,
+    type: name,
     value: null,
-    serialize: false, // not a node input: kept out of widgets_values and the API prompt
+    serialize: false,
     options: { serialize: false },
     draw(ctx, n, width, y) {
       try {
-        drawPlan(ctx, n, width, y);
+        drawFn(ctx, n, width, y);
       } catch (err) {
-        console.warn("VibeVoice Offload: plan drawing failed", err);
+        console.warn(`VibeVoice Offload: ${what} drawing failed`, err);
       }
     },
     computeSize(width) {
-      return [width, PLAN_HEIGHT];
+      return [width, height];
     },
   });
+}
+
+function setupConfigNode(node) {
+  if (node.vibevoicePlan) return;
+  node.vibevoicePlan = { status: "idle", plan: null, error: null, request: null, key: null, seq: 0, updates: 0, requests: 0, retries: 0, timer: null, abort: null };
+  addDrawingWidget(node, "vibevoice_plan", "plan", drawPlan, PLAN_HEIGHT);
   for (const name of PLAN_INPUTS) {
     onWidgetChange(widgetOf(node, name), () => {
       if (name === "mode") applyModeVisibility(node);
@@ -411,23 +417,7 @@ function drawStats(ctx, node, width, y) {
 function setupGenerateNode(node) {
   if (node.vibevoiceStatsWidget) return;
   node.vibevoiceStats = null;
-  const widget = node.addCustomWidget({
-    name: "vibevoice_stats",
-    type: "vibevoice_stats",
-    value: null,
-    serialize: false,
-    options: { serialize: false },
-    draw(ctx, n, width, y) {
-      try {
-        drawStats(ctx, n, width, y);
-      } catch (err) {
-        console.warn("VibeVoice Offload: stats drawing failed", err);
-      }
-    },
-    computeSize(width) {
-      return [width, STATS_HEIGHT];
-    },
-  });
+  const widget = addDrawingWidget(node, "vibevoice_stats", "stats", drawStats, STATS_HEIGHT);
   setHidden(widget, true); // until a run has finished
   node.vibevoiceStatsWidget = widget;
 }
