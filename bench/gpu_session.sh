@@ -8,7 +8,7 @@
 #
 # Phases (the offload benchmark is split over three calls; each later one resumes the JSON
 # the earlier one wrote, copied into bench/results/ in between):
-#   check    GPU tests (-m gpu), dequantisation kernels, this project's Large rows (60 frames)
+#   check    GPU tests (-m gpu); this project's Large rows (30 frames), speech half eager vs CUDA graph
 #   large    offload_bench: Large, this project (150 frames) and diffusers
 #   peers    offload_bench: 1.5B, this project and every peer; Large's seed design,
 #            accelerate (12 and 8 GB) and transformers' generate
@@ -23,12 +23,16 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/[
 RUN="bench/results/$card-$(date +%Y%m%d).json"  # the offload benchmark's JSON so far
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
 case $phase in
-  check)
-    timeout 90 python3 bench/dequant_kernels.py --size Large --out "$OUT"
-    timeout 60 python3 bench/dequant_kernels.py --size 1.5B --out "$OUT"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+  check)  # GPU tests, then this project's Large rows with the speech half eager and replayed (same machine)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
-    timeout 200 python3 bench/offload_bench.py --models Large --methods ours --frames 60 2>&1 | tee "$OUT/ours-Large.log"
+    for mode in eager graph; do
+      flag=$([ $mode = eager ] && echo --eager-speech)
+      mkdir -p "$OUT/$mode"
+      timeout 200 python3 bench/offload_bench.py --models Large --methods ours --frames 30 $flag --out "$OUT/$mode" \
+        2>&1 | tee "$OUT/$mode/ours-Large.log"
+      rm -f "$OUT/$mode"/*.png  # at most 8 files come back
+    done
     ;;
   large)
     timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"

@@ -210,6 +210,7 @@ class Bench:
 
     def write(self) -> None:
         doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.link, "torch": torch.__version__,
+               "speech_cuda_graph": self.args.cuda_graph,
                "frames": self.args.frames, "peer_frames": self.args.peer_frames, "slow_frames": self.args.slow_frames,
                "t_resident_ms": self.t_resident, "decoder_pass_ms": self.decoder_ms, "extra": self.extra, "rows": self.rows}
         self.json_path.write_text(json.dumps(doc, indent=1, default=str))
@@ -371,7 +372,7 @@ class Bench:
 
         def run():
             engine.load()
-            res = timed_frames(FrameLoop(model, engine), prompt, self.args.frames)
+            res = timed_frames(FrameLoop(model, engine, cuda_graph=self.args.cuda_graph), prompt, self.args.frames)
             stats = engine.stats()
             res["link_gbps"] = stats.get("offload_link_gbps") or None
             res["copy_ms_per_frame"] = stats.get("offload_copy_ms", 0) / max(stats["offload_passes"], 1)
@@ -392,8 +393,10 @@ class Bench:
         """Where a fully resident frame's time goes: synchronised timers around each stage, then
         a short torch.profiler trace (kernel launches per frame, top host-side ops)."""
         from vibevoice_offload.frame_loop import FrameLoop
+        from vibevoice_offload.speech_frame import SpeechFrame
 
-        loop = FrameLoop(model, engine)
+        # Stage timers need the stages to run eagerly; the profile below replays the graph.
+        loop = FrameLoop(model, engine, cuda_graph=False)
         spent: dict[str, float] = {}
 
         def timed(name, fn):
@@ -408,7 +411,8 @@ class Bench:
 
         core = model.model
         loop._decoder_pass = timed("decoder_pass", loop._decoder_pass)
-        loop._sample_latent = timed("diffusion_head_10_steps", loop._sample_latent)
+        sample = SpeechFrame._sample_latent
+        SpeechFrame._sample_latent = timed("diffusion_head_10_steps", sample)
         dec_fwd, sem_fwd = core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
         core.audio_tower.decoder.forward = timed("acoustic_decoder", dec_fwd)
         core.semantic_tokenizer_encoder.forward = timed("semantic_encoder", sem_fwd)
@@ -417,12 +421,13 @@ class Bench:
             res = timed_frames(loop, prompt, frames)
         finally:
             del core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
+            SpeechFrame._sample_latent = sample
         per_frame = {k: v * 1000 / frames for k, v in spent.items()}
         per_frame["frame_synchronised_ms"] = res["ms_per_frame"]
         # profiler: 5 frames
         from torch.profiler import ProfilerActivity, profile
 
-        loop2 = FrameLoop(model, engine)
+        loop2 = FrameLoop(model, engine, cuda_graph=self.args.cuda_graph)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             timed_frames(loop2, prompt, 6, skip=0)
         events = prof.key_averages()
@@ -469,7 +474,7 @@ class Bench:
                 loop_cls = SeedLoop
             else:
                 raise ValueError(method)
-            res = timed_frames(loop_cls(model, PeerExecutor(model)), prompt, frames)
+            res = timed_frames(loop_cls(model, PeerExecutor(model), cuda_graph=self.args.cuda_graph), prompt, frames)
             res["k"] = len(streamed)
             return res
 
@@ -484,7 +489,7 @@ class Bench:
     def stock_generate(self, size, config, prompt, frames):
         from transformers.generation import UnbatchedClassifierFreeGuidanceLogitsProcessor  # noqa: F401
 
-        from vibevoice_offload.frame_loop import make_scheduler
+        from vibevoice_offload.speech_frame import make_scheduler
 
         model, model_bytes = self.fresh_model(config)
 
@@ -598,6 +603,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
     parser.add_argument("--no-deep", dest="deep", action="store_false",
                         help="plan with prefetch depth 2 instead of letting plan_auto choose the ring depth per budget")
+    parser.add_argument("--eager-speech", dest="cuda_graph", action="store_false",
+                        help="run the speech half of each frame eagerly instead of replaying its CUDA graph")
     parser.add_argument("--plot-only", metavar="JSON")
     parser.add_argument("--resume", metavar="JSON", help="append to an earlier run's JSON (same card)")
     args = parser.parse_args(argv)

@@ -5,7 +5,8 @@ import torch
 from transformers.generation import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from vibevoice_offload.executor import ResidentExecutor
-from vibevoice_offload.frame_loop import GenerationSettings, make_scheduler
+from vibevoice_offload.frame_loop import GenerationSettings
+from vibevoice_offload.speech_frame import make_scheduler
 from vibevoice_offload.pipeline import VibeVoice
 from vibevoice_offload.prompt import build_prompt
 
@@ -152,3 +153,30 @@ def test_same_seed_same_audio_other_seed_other_audio(tiny, two_voices):
 def test_bad_settings(tiny, two_voices, bad, message):
     with pytest.raises(ValueError, match=message):
         tiny.generate(SCRIPT, two_voices, GenerationSettings(max_frames=2, **bad))
+
+
+def _speech_inputs(config, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = config.text_config.hidden_size
+    return torch.randn(2, config.audio_config.hidden_size, generator=g), torch.randn(1, hidden, generator=g), torch.randn(1, hidden, generator=g)
+
+
+def test_tokenizer_reset_in_place_equals_fresh_caches(tiny):
+    """A speech segment's end zeroes the streaming caches in place (a captured graph keeps
+    their addresses): the next frame must equal a first frame on fresh caches."""
+    from vibevoice_offload.speech_frame import SpeechFrame
+
+    model, cpu = tiny.model, torch.device("cpu")
+    ongoing = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, cuda_graph=True)
+    assert not ongoing.use_graph  # graphs are CUDA-only; the CPU runs eagerly
+    with torch.inference_mode():
+        for seed in (1, 2, 3):
+            previous_audio = ongoing(*_speech_inputs(model.config, seed))[0].clone()
+        assert ongoing.acoustic_cache.layers and ongoing.semantic_cache.layers
+        continued = ongoing(*_speech_inputs(model.config, 4))[0].clone()
+        ongoing.reset_tokenizers()
+        after_reset = [t.clone() for t in ongoing(*_speech_inputs(model.config, 4))]
+        fresh = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, cuda_graph=False)(*_speech_inputs(model.config, 4))
+    assert not torch.equal(continued, after_reset[0])  # the caches did carry context
+    assert all(torch.equal(a, b) for a, b in zip(after_reset, fresh))
+    assert previous_audio.shape == continued.shape

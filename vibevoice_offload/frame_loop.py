@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from transformers import VibeVoiceForConditionalGeneration
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import create_causal_mask
@@ -27,6 +26,7 @@ from transformers.masking_utils import create_causal_mask
 from .config import SAMPLE_RATE, hop_length
 from .executor import Executor
 from .prompt import Prompt
+from .speech_frame import SpeechFrame
 
 # (frame number from 1, frame cap, this frame's audio on the CPU) -> False stops generation.
 FrameCallback = Callable[[int, int, torch.Tensor], "bool | None"]
@@ -76,17 +76,13 @@ class _Branch:
 _DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def make_scheduler() -> DPMSolverMultistepScheduler:
-    """The original model's sampler: DPM-Solver multistep, v-prediction, cosine schedule."""
-    return DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
-
-
 class FrameLoop:
     """Generates one dialog from a prompt with a given executor (weight placement)."""
 
-    def __init__(self, model: VibeVoiceForConditionalGeneration, executor: Executor) -> None:
+    def __init__(self, model: VibeVoiceForConditionalGeneration, executor: Executor, *, cuda_graph: bool = True) -> None:
         self.model = model
         self.executor = executor
+        self.cuda_graph = cuda_graph  # replay the speech half of each frame from a CUDA graph (speech_frame.py)
         self.config = model.config
         self.lm = model.model.language_model
         self.device = executor.device
@@ -138,29 +134,6 @@ class FrameLoop:
                 self.executor.decoder_layer_done(index)
         return [self.lm.norm(item[0][:, -1, :]) for item in prepared]
 
-    def _sample_latent(self, scheduler: DPMSolverMultistepScheduler, steps: int, cfg: float, positive: torch.Tensor, negative: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """Diffusion head sampling as transformers' `_sample_audio_latent`; at cfg 1 only the conditional row runs."""
-        head = self.model.model.diffusion_head
-        # Always draw noise for both rows so the random stream (hence the audio) does not depend on cfg.
-        latent = torch.randn(2, self.config.audio_config.hidden_size, generator=generator).to(self.device, self.dtype)
-        scheduler.set_timesteps(num_inference_steps=steps)
-        # One host-to-device copy per frame instead of one per step (each pageable copy
-        # synchronises the stream); same values as `t.repeat(n).to(latent)`.
-        on_device = scheduler.timesteps.to(self.device)
-        if negative is None:
-            latent = latent[:1]
-            for i, t in enumerate(scheduler.timesteps):
-                eps = head(latent, on_device[i].repeat(1).to(latent), condition=positive)
-                latent = scheduler.step(eps, t, latent).prev_sample
-            return latent.unsqueeze(1)
-        condition = torch.cat([positive, negative], dim=0)
-        for i, t in enumerate(scheduler.timesteps):
-            combined = torch.cat([latent[:1], latent[:1]], dim=0)
-            cond_eps, uncond_eps = head(combined, on_device[i].repeat(2).to(combined), condition=condition).split(1, dim=0)
-            guided = uncond_eps + cfg * (cond_eps - uncond_eps)
-            latent = scheduler.step(torch.cat([guided, guided], dim=0), t, latent).prev_sample
-        return latent[:1].unsqueeze(1)
-
     # --- the loop ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -174,7 +147,6 @@ class FrameLoop:
         cap = settings.frame_cap(prompt.length, hop)
         use_cfg = settings.cfg != 1.0
         generator = torch.Generator().manual_seed(settings.seed)
-        scheduler = make_scheduler()
         # Only four tokens can ever be chosen: a 4-row slice of lm_head replaces the full head.
         allowed = torch.tensor(self.allowed)
         head_rows = self.model.lm_head.weight[allowed.to(self.model.lm_head.weight.device)].to(self.device, self.dtype)
@@ -196,44 +168,43 @@ class FrameLoop:
         hidden = self._decoder_pass(passes)
         prefill_done = time.perf_counter()
 
-        acoustic_cache = semantic_cache = None
+        speech = SpeechFrame(self.model, self.device, self.dtype, steps=settings.steps, cfg=settings.cfg, cuda_graph=self.cuda_graph)
+        latent_size = self.config.audio_config.hidden_size
         chunks: list[torch.Tensor] = []
         generated = 0
         stopped_by_callback = False
-        while True:
-            token = self.allowed[int((hidden[0] @ head_rows.T).argmax(dim=-1))]
-            generated += 1
-            if token == self.config.audio_token_id:
-                latent = self._sample_latent(scheduler, settings.steps, settings.cfg, hidden[0], hidden[1] if use_cfg else None, generator)
-                scaled = (latent / core.latent_scaling_factor - core.latent_bias_factor).permute(0, 2, 1)
-                decoded = core.audio_tower.decoder(scaled, padding_cache=acoustic_cache, use_cache=True)
-                acoustic_cache = decoded.padding_cache
-                semantic = core.semantic_tokenizer_encoder(decoded.audio, padding_cache=semantic_cache, use_cache=True)
-                semantic_cache = semantic.padding_cache
-                next_embeds = core.multi_modal_projector(latent) + core.semantic_connector(semantic.latents)
-                chunk = decoded.audio[0, 0].float().cpu()
-                chunks.append(chunk)
-                if on_frame is not None and on_frame(len(chunks), cap, chunk) is False:
-                    stopped_by_callback = True
+        try:
+            while True:
+                token = self.allowed[int((hidden[0] @ head_rows.T).argmax(dim=-1))]
+                generated += 1
+                if token == self.config.audio_token_id:
+                    noise = torch.randn(2, latent_size, generator=generator)
+                    audio, next_embeds = speech(noise, hidden[0], hidden[1] if use_cfg else None)
+                    chunk = audio.float().cpu()
+                    chunks.append(chunk)
+                    if on_frame is not None and on_frame(len(chunks), cap, chunk) is False:
+                        stopped_by_callback = True
+                        break
+                else:
+                    if negative is not None:
+                        # The negative branch only advances on frames: undo the step it just took.
+                        negative.cache.crop(-1)
+                        if token == self.config.audio_bos_token_id:
+                            negative.visible_from = negative.cache.get_seq_length()
+                    if token == self.config.audio_eos_token_id:
+                        speech.reset_tokenizers()
+                    if token == self.config.eos_token_id:
+                        break
+                    next_embeds = self._embed(torch.tensor([[token]]))
+                if generated >= cap:
                     break
-            else:
+                passes = [(next_embeds, positive)]
                 if negative is not None:
-                    # The negative branch only advances on frames: undo the step it just took.
-                    negative.cache.crop(-1)
-                    if token == self.config.audio_bos_token_id:
-                        negative.visible_from = negative.cache.get_seq_length()
-                if token == self.config.audio_eos_token_id:
-                    # As the original: a speech segment ended, so the streaming tokenizers start afresh.
-                    acoustic_cache = semantic_cache = None
-                if token == self.config.eos_token_id:
-                    break
-                next_embeds = self._embed(torch.tensor([[token]]))
-            if generated >= cap:
-                break
-            passes = [(next_embeds, positive)]
-            if negative is not None:
-                passes.append((next_embeds, negative))
-            hidden = self._decoder_pass(passes)
+                    passes.append((next_embeds, negative))
+                hidden = self._decoder_pass(passes)
+        finally:
+            cuda_graph = speech.captured
+            speech.release()  # an error's traceback must not keep the graph's memory pool alive
 
         end = time.perf_counter()
         waveform = torch.cat(chunks) if chunks else torch.zeros(0)
@@ -251,6 +222,7 @@ class FrameLoop:
             "cfg": settings.cfg,
             "steps": settings.steps,
             "seed": settings.seed,
+            "cuda_graph": cuda_graph,
         }
         stats["rtf"] = stats["ms_per_frame"] / (hop / SAMPLE_RATE * 1000)
         if on_cuda:
