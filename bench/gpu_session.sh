@@ -6,15 +6,15 @@
 #
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".cache/comfyui"], command="bash bench/gpu_session.sh check")
 #
-# Phases (the offload benchmark is split over three calls; each later one resumes the JSON
+# Phases (the offload benchmark is split over three calls, large, small and peers; each later one resumes the JSON
 # the earlier one wrote, copied into bench/results/ in between):
 #   check    GPU tests (-m gpu); this project's Large rows (30 frames), speech half eager vs CUDA graph
 #   large    offload_bench: Large, this project (150 frames) and diffusers
-#   peers    offload_bench: 1.5B, this project and every peer; Large's seed design,
-#            accelerate (12 and 8 GB) and transformers' generate
+#   small    offload_bench: 1.5B, this project and every peer
+#   peers    offload_bench: Large's seed design, accelerate (12 and 8 GB) and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
 set -uo pipefail
-phase=${1:?phase: check | large | peers | planner}
+phase=${1:?phase: check | large | small | peers | planner}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -37,10 +37,11 @@ case $phase in
   large)
     timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
     ;;
-  peers)  # the rest of the offload benchmark in one call: 1.5B, then Large's slow peers and generate
+  small)  # 1.5B: this project and every peer
     timeout 300 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
-    cp "$OUT/$(basename "$RUN")" "$RUN"
+    ;;
+  peers)  # Large's slow peers and transformers' generate
     timeout 250 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate \
       --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
     ;;

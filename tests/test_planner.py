@@ -354,7 +354,7 @@ def test_speed_bound_matches_performance_md(large):
     # fp8 at 26 streamed layers: about 26 x 4.3 = 110 ms.
     assert planner.bound_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
     # Nothing streamed: the resident frame time bounds it.
-    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 88.3
+    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 51.0
     assert planner.bound_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
     assert real_time_factor(large, 133.0) == pytest.approx(133.0 / (1000 * 3200 / 24000))
     for plan in (OffloadPlan(11, "bf16"), OffloadPlan(0, "fp8", 6), OffloadPlan(27, "bf16"), OffloadPlan(20, "fp8", 3)):
@@ -363,11 +363,12 @@ def test_speed_bound_matches_performance_md(large):
 
 
 def test_resident_frame_table_says_what_is_measured(large, small):
-    assert planner.resident_frame(large).measured and H100.name in planner.resident_frame(large).source
-    assert not planner.resident_frame(small).measured and "Large's H100 figure" in planner.resident_frame(small).source
     recorded = json.loads(H100.read_text())
-    assert round(recorded["t_resident_ms"]["Large"], 1) == planner.RESIDENT_FRAME["Large"].ms
-    assert round(recorded["decoder_pass_ms"]["Large"], 1) == planner.RESIDENT_FRAME["Large"].decoder_ms
+    for config, size in ((large, "Large"), (small, "1.5B")):
+        frame = planner.resident_frame(config)
+        assert frame.measured and H100.name in frame.source
+        assert round(recorded["t_resident_ms"][size], 1) == frame.ms
+        assert round(recorded["decoder_pass_ms"][size], 1) == frame.decoder_ms
 
 
 def test_ring_simulation():
@@ -561,7 +562,7 @@ def test_table_command(capsys):
     assert args.vram == 8_500_000_000
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 88.3 ms/frame (DEFAULT, not measured" in out
+    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 64.5 ms/frame (measured" in out
     for name in ["auto", *PRESETS]:
         assert name in out
 

@@ -858,35 +858,35 @@ class ResidentFrame:
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        88.3, 39.7, True,
-        "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop, 10 steps, cfg 1.3, median of 150 frames, "
-        "the faster of two runs; bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        51.0, 38.7, True,
+        "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop (speech half replayed from a CUDA graph), "
+        "10 steps, cfg 1.3, median of 150 frames, the faster of two runs; bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        88.3, 39.7, False,
-        "Large's H100 figure: the loop is launch-bound, not weight-bound (the same 28 layers, about the "
-        "same kernel launches per frame). Measured 1.5B on another H100 whose host ran Large at 128 ms: "
-        "122-137 ms (bench/results/NVIDIA-H100-80GB-HBM3-20261127*.json)",
+        64.5, 53.3, True,
+        "NVIDIA H100 80GB HBM3 (PCIe 5), the same run as Large's: 64.5 and 72.6 ms in its two resident runs "
+        "(49.7-72.7 ms in the planner run on that machine); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
-"""T_resident per released size. The frame is bound by the host launching kernels, so it
-differs between machines of one GPU kind (88 and 128 ms for Large on two H100 machines):
-`bench/planner_accuracy.py` and `offload_bench.py` measure it per run."""
+"""T_resident per released size. The frame is bound by the host launching the decoder
+layers' kernels, so it differs between machines of one GPU kind and drifts on one machine
+(Large: 51-84 ms on one H100 in one session): `bench/planner_accuracy.py` and
+`offload_bench.py` measure it per run."""
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
 # GPU time to dequantise a streamed fp8 layer (dequant.dequantise, the fused kernel), per GB
 # of model-dtype layer: 0.385 ms for a Large layer (0.466 GB) on an H100
 # (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json).
 FP8_DEQUANT_MS_PER_GB = 0.82
-# Two effects the H100 run (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json, Large, six
-# offloaded rows) showed, with the decoder pass timed on the GPU (offload_decoder_pass_ms):
-# while layers stream, the rest of the frame (the launch-bound diffusion head, tokenizers and
-# sampling) took 60-81 ms against 48.7 ms with everything resident; and each streamed fp8
-# layer held the launch-bound decoder pass about 1 ms longer (enqueueing its dequantisation:
-# 13 launches, 7 through Triton's Python launcher) without waiting for its copy. Fitted on
-# those six rows (all within 6%); bench/planner_accuracy.py checks them on other cases.
-STREAMING_SLOWS_THE_REST = 1.4
-FP8_STREAMED_LAYER_HOST_MS = 1.0
+# Two effects the H100 offload run (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json, Large,
+# six offloaded rows, speech half from a CUDA graph) showed, with the decoder pass timed on
+# the GPU (offload_decoder_pass_ms): while layers stream, the rest of the frame (token
+# choice, the graph's replay, copying the audio out) took 13.2-14.7 ms against 12.3 ms with
+# everything resident; and each streamed fp8 layer held the launch-bound decoder pass
+# 0.3-0.8 ms longer than its compute and copy waits explain (enqueueing its dequantisation).
+# bench/planner_accuracy.py checks them on other cases.
+STREAMING_SLOWS_THE_REST = 1.15
+FP8_STREAMED_LAYER_HOST_MS = 0.5
 
 # Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
 # 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
