@@ -8,13 +8,14 @@
 #
 # Phases (the offload benchmark is split over three calls, large, small and peers; each later one resumes the JSON
 # the earlier one wrote, copied into bench/results/ in between):
+#   tests    GPU tests (-m gpu)
 #   check    GPU tests (-m gpu); this project's Large rows (30 frames), speech half eager vs CUDA graph
 #   large    offload_bench: Large, this project (150 frames) and diffusers
 #   small    offload_bench: 1.5B, this project and every peer
 #   peers    offload_bench: Large's seed design, accelerate (12 and 8 GB) and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
 set -uo pipefail
-phase=${1:?phase: check | large | small | peers | planner}
+phase=${1:?phase: tests | check | large | small | peers | planner}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -23,6 +24,10 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/[
 RUN="bench/results/$card-$(date +%Y%m%d).json"  # the offload benchmark's JSON so far
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
 case $phase in
+  tests)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    ;;
   check)  # GPU tests, then this project's Large rows with the speech half eager and replayed (same machine)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null

@@ -863,9 +863,9 @@ RESIDENT_FRAME = {
         "10 steps, cfg 1.3, median of 150 frames, the faster of two runs; bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        64.5, 53.3, True,
-        "NVIDIA H100 80GB HBM3 (PCIe 5), the same run as Large's: 64.5 and 72.6 ms in its two resident runs "
-        "(49.7-72.7 ms in the planner run on that machine); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        52.5, 43.7, True,
+        "NVIDIA H100 80GB HBM3 (PCIe 5), the same machine and method as Large's, the faster of two runs "
+        "(52.5 and 80.7 ms: this size's host-bound frame drifts most); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
 """T_resident per released size. The frame is bound by the host launching the decoder
