@@ -16,6 +16,7 @@ ComfyUI may move between runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 def make_scheduler() -> DPMSolverMultistepScheduler:
     """The original model's sampler: DPM-Solver multistep, v-prediction, cosine schedule."""
     return DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+
+@functools.cache
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device for the process, as torch.cuda.graph keeps: cuBLAS
+    allocates a workspace (32 MiB on Hopper) for every stream it runs on and keeps it."""
+    return torch.cuda.Stream(device)
 
 
 class SpeechFrame:
@@ -109,7 +117,7 @@ class SpeechFrame:
         # stream) rather than `torch.cuda.graph`, which also synchronises, empties the cache
         # and may run a full garbage collection (0.3 s per run with a model loaded).
         device = self.noise.device
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+        graph, stream = torch.cuda.CUDAGraph(), _capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream):
