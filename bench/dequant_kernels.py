@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from vibevoice_offload.bench_case import result_stem  # noqa: E402
 from vibevoice_offload.offload.dequant import _fused_kernel, dequant_ops, dequantise  # noqa: E402
 from vibevoice_offload.offload.host_slabs import FP8, NATIVE, SlabLayout, pack_layer  # noqa: E402
 from vibevoice_offload.planner import load_size_config  # noqa: E402
@@ -116,10 +116,9 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     doc = {"card": card, "date": datetime.date.today().strftime("%Y%m%d"), "size": args.size, "torch": torch.__version__, **rows}
     print(json.dumps(doc, indent=1))
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{slug}-{doc['date']}-dequant-{args.size}.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / f"{result_stem(card)}-dequant-{args.size}.json").write_text(json.dumps(doc, indent=1))
     return 0
 
 

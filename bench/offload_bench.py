@@ -52,6 +52,7 @@ from vibevoice_offload.bench_case import (  # noqa: E402
     empty_host_cache,
     measure_h2d_gbps,
     prompt_workload,
+    result_stem,
     timed_frames,
     tiny_budgets,
     tiny_config,
@@ -177,8 +178,7 @@ class Bench:
             args.models, args.methods, args.breakdown = ["tiny"], ["ours"], False
             log("cpu: a smoke run of this project's cases on the tiny model (the peers and --breakdown need CUDA)")
         self.date = datetime.date.today().strftime("%Y%m%d")
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.card).strip("-")
-        self.json_path = self.out / f"{slug}-{self.date}.json"
+        self.json_path = self.out / f"{result_stem(self.card)}.json"
         self.rows: list[dict] = []
         self.t_resident: dict[str, float] = {}
         self.decoder_ms: dict[str, float] = {}  # the decoder pass inside T_resident (GPU timeline)

@@ -53,7 +53,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -74,6 +73,7 @@ from vibevoice_offload.bench_case import (  # noqa: E402
     device_usable,
     empty_host_cache,
     measure_h2d_gbps,
+    result_stem,
     tiny_budgets,
     tiny_config,
     tiny_random_model,
@@ -121,10 +121,9 @@ class Accuracy:
             self.link = planner.PCIE_DEFAULTS[planner.DEFAULT_PCIE_GEN]
             self.link_source = "PCIe 4 default (cpu device: no link; predictions are for a GPU)"
         self.date = datetime.date.today().strftime("%Y%m%d")
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.card).strip("-")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        self.path = out / f"{slug}-{self.date}-planner{'-quick' if args.quick else ''}.json"
+        self.path = out / f"{result_stem(self.card)}-planner{'-quick' if args.quick else ''}.json"
         self.rows: list[dict] = []
         self.t_resident: dict[str, float] = {}
         self.decoder_ms: dict[str, float] = {}  # the decoder pass inside T_resident (GPU timeline)

@@ -14,11 +14,9 @@ collector's time (a full collection with a model loaded takes about 0.3 s). Writ
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vibevoice_offload import planner  # noqa: E402
-from vibevoice_offload.bench_case import bench_prompt, build_random_model, timed_frames, warm_libraries  # noqa: E402
+from vibevoice_offload.bench_case import bench_prompt, build_random_model, result_stem, timed_frames, warm_libraries  # noqa: E402
 from vibevoice_offload.frame_loop import FrameLoop  # noqa: E402
 from vibevoice_offload.offload import OffloadEngine  # noqa: E402
 from vibevoice_offload.plan import OffloadPlan  # noqa: E402
@@ -99,8 +97,7 @@ def main() -> int:
     case("fp8 r9 d2", OffloadPlan(9, "fp8", 2))
     case("bf16 r9 d2", OffloadPlan(9, "bf16", 2))
     case("fp8 r9 d2", OffloadPlan(9, "fp8", 2))
-    card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
-    path = Path(args.out) / f"{card}-{datetime.date.today():%Y%m%d}-repeats-{args.size}.json"
+    path = Path(args.out) / f"{result_stem(torch.cuda.get_device_name())}-repeats-{args.size}.json"
     path.write_text(json.dumps({"card": torch.cuda.get_device_name(), "frames": args.frames, "rows": rows}, indent=1))
     print("wrote", path)
     return 0

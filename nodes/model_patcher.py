@@ -199,7 +199,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             # The settings changed since this engine was built: price the new plan instead.
             cp = self.vibevoice.checkpoint
             est = planner.estimate(cp.config, self._plan(resident_layers), dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
-            return int(est.resident_weights + est.slots)
+            return int(est.weights)
         return int(self.engine.resident_bytes_for(resident_layers))
 
     def _close_engine(self) -> None:
@@ -391,9 +391,8 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         activations of the worst phase, and allocator slack (the planner's estimate)."""
         cp = self.vibevoice.checkpoint
         plan = self._plan(self.num_layers)
-        workload = planner.Workload.for_prompt(cp.config, prompt_length, voice_samples, frames)
-        est = planner.estimate(cp.config, plan, dtype=cp.dtype, voice_samples=workload.voice_samples, max_frames=frames, text_tokens=workload.text_tokens)
-        return int(est.total_vram - est.resident_weights - est.slots)
+        est = planner.estimate_for_workload(cp.config, plan, cp.dtype, planner.Workload.for_prompt(cp.config, prompt_length, voice_samples, frames))
+        return int(est.total_vram - est.weights)
 
     def generate(
         self,

@@ -204,10 +204,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
             except planner.PlanError as exc:
                 error = str(exc) + " (ComfyUI then keeps fewer layers resident than asked.)"
 
-    est = planner.estimate(
-        config, plan, dtype=dtype, voice_samples=workload.voice_samples,
-        max_frames=workload.max_frames, text_tokens=workload.text_tokens,
-    )
+    est = planner.estimate_for_workload(config, plan, dtype, workload)
     ms = planner.predict_ms_per_frame(config, plan, link, dtype=dtype)
     out.update(
         model=source,

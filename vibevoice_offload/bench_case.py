@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import gc
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -157,10 +159,7 @@ def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype, *, embe
     n = config.text_config.num_hidden_layers
 
     def need(resident: int, stream_dtype: str = "bf16") -> int:
-        return planner.estimate(
-            config, OffloadPlan(resident, stream_dtype, embed_on_host=embed_on_host), dtype=dtype,
-            voice_samples=workload.voice_samples, max_frames=workload.max_frames, text_tokens=workload.text_tokens,
-        ).total_vram
+        return planner.estimate_for_workload(config, OffloadPlan(resident, stream_dtype, embed_on_host=embed_on_host), dtype, workload).total_vram
 
     return [max(need(0), need(0, "fp8")) + 1000, need(n // 2), need(n)]
 
@@ -168,16 +167,12 @@ def tiny_budgets(config, workload: planner.Workload, dtype: torch.dtype, *, embe
 def bench_prompt(config, voice_seconds: float = VOICE_SECONDS, script: str = SCRIPT):
     """The fixed benchmark prompt: `script` with two seeded noise clips of `voice_seconds`,
     tokenised by the synthetic character-level tokenizer (no real tokenizer is needed)."""
-    from transformers import PreTrainedTokenizerFast
-
     from .prompt import build_prompt
     from .synthetic import write_tokenizer
+    from .tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tokenizer(Path(tmp) / "tok")
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>",
-        )
+        tokenizer = load_tokenizer(write_tokenizer(Path(tmp) / "tok"))
     g = torch.Generator().manual_seed(7)
     samples = round(voice_seconds * 24000)
     voices = {1: (torch.randn(1, samples, generator=g) * 0.1, 24000), 2: (torch.randn(1, samples, generator=g) * 0.1, 24000)}
@@ -217,6 +212,12 @@ def timed_frames(loop, prompt, frames: int, *, steps: int = STEPS, cfg: float = 
         "prefill_ms": result.stats["prefill_ms"],
         "mean_ms_per_frame": result.stats["ms_per_frame"],
     }
+
+
+def result_stem(card: str) -> str:
+    """`<card>-<yyyymmdd>`, the card's name in letters, digits and dashes: how the files in
+    bench/results/ are named."""
+    return f"{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-{datetime.date.today():%Y%m%d}"
 
 
 def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -570,12 +571,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     row["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     row["link_source"] = link_source
     row["budget_source"] = budget_source if budget is not None else None
-    frame = planner.resident_frame(config)
-    t_res = (
-        f"T_resident {row['t_resident_ms']:.1f} ms ("
-        + ("--resident-ms" if args.resident_ms is not None else ("measured" if frame.measured else "DEFAULT, not measured") + f": {frame.source}")
-        + ")"
-    )
+    source = "--resident-ms" if args.resident_ms is not None else planner.resident_frame_note(config)
+    t_res = f"T_resident {row['t_resident_ms']:.1f} ms ({source})"
     print(describe(row) + (f" [{row['card']}]" if device.type == "cuda" else ""))
     print(f"link {link:.1f} GB/s ({link_source}); {t_res}")
     print(format_row(row))

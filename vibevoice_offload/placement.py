@@ -14,6 +14,7 @@ from .pipeline import VibeVoice
 from .plan import StreamDtype
 from .prompt import Prompt
 
+
 def offload_engine(
     vv: VibeVoice,
     prompt: Prompt,

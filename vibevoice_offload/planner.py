@@ -34,7 +34,7 @@ from .errors import VibeVoiceError
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
 from .plan import OffloadPlan, StreamDtype
-from .offload.gpu_slots import ring_nbytes
+from .offload.gpu_slots import COMPUTE_BUFFERS, ring_nbytes
 
 GB = 10**9
 MiB = 2**20
@@ -486,8 +486,8 @@ class Estimate:
 
 
 def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
-    """The engine's slot ring for `plan`: bf16, S layer-sized slots; fp8, S fp8 staging slots
-    plus one model-dtype compute buffer; S = min(prefetch_depth, streamed layers)."""
+    """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest streamed
+    layer); S = min(prefetch_depth, streamed layers)."""
     streamed = range(plan.resident_layers, num_layers)
     if not streamed:
         return 0
@@ -671,7 +671,8 @@ def model_label(config: VibeVoiceConfig) -> str:
     return f"VibeVoice-{name}" if name else f"VibeVoice ({tc.hidden_size} wide, {tc.num_hidden_layers} layers)"
 
 
-def _estimate_for(config: VibeVoiceConfig, plan: OffloadPlan, dtype: torch.dtype, workload: Workload) -> Estimate:
+def estimate_for_workload(config: VibeVoiceConfig, plan: OffloadPlan, dtype: torch.dtype, workload: Workload) -> Estimate:
+    """`estimate` for a `Workload` (its voice clips, frames and text tokens)."""
     return estimate(
         config, plan, dtype=dtype, voice_samples=workload.voice_samples,
         max_frames=workload.max_frames, text_tokens=workload.text_tokens,
@@ -682,7 +683,7 @@ def _refusal(
     config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
 ) -> PlanError:
     minimum_plan = OffloadPlan(0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host)
-    minimum = _estimate_for(config, minimum_plan, dtype, workload).total_vram
+    minimum = estimate_for_workload(config, minimum_plan, dtype, workload).total_vram
     n = config.text_config.num_hidden_layers
     message = (
         f"{model_label(config)}: {what} needs {_gb(need)} GB of VRAM but the budget is {_gb(budget_bytes)} GB. "
@@ -718,7 +719,7 @@ def _most_resident(
     n = config.text_config.num_hidden_layers
     for resident in range(n, -1, -1):
         plan = dataclasses.replace(base, resident_layers=resident)
-        need = _estimate_for(config, plan, dtype, workload).total_vram
+        need = estimate_for_workload(config, plan, dtype, workload).total_vram
         if need <= budget_bytes:
             break
     return plan, need
@@ -782,14 +783,14 @@ def _checked(
         raise PlanError(
             f"{model_label(config)}: {what} asks for {plan.resident_layers} resident decoder layers but the model has "
             f"{n}; choose 0..{n} ({n} keeps every layer on the GPU and needs "
-            f"{_gb(_estimate_for(config, full, dtype, workload).total_vram)} GB of VRAM)."
+            f"{_gb(estimate_for_workload(config, full, dtype, workload).total_vram)} GB of VRAM)."
         )
     try:
         plan.validate(n)
     except ValueError as exc:
         raise PlanError(f"{model_label(config)}: {what}: {exc}") from exc
     if budget_bytes is not None:
-        need = _estimate_for(config, plan, dtype, workload).total_vram
+        need = estimate_for_workload(config, plan, dtype, workload).total_vram
         if need > budget_bytes:
             raise _refusal(config, plan, need, budget_bytes, dtype, workload, what)
     return plan
@@ -944,9 +945,9 @@ def simulate_frame_ms(
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
     slot is free: bf16, when the layer copied into it by copy j - S has finished; fp8
     (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
-    (`dequant_ms` each) run in order on their own stream, alongside compute, into one of two
-    compute buffers: dequantisation j starts when copy j is done and layer j - 2 has left
-    its buffer. A streamed layer starts when the compute stream is free and its copy (fp8:
+    (`dequant_ms` each) run in order on their own stream, alongside compute, into one of
+    COMPUTE_BUFFERS compute buffers: dequantisation j starts when copy j is done and layer
+    j - COMPUTE_BUFFERS has left its buffer. A streamed layer starts when the compute stream is free and its copy (fp8:
     its dequantisation) is done, and takes `layer_ms + streamed_extra_ms`. So a ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run: shallow
     rings leave the link idle there.
@@ -957,7 +958,7 @@ def simulate_frame_ms(
     depth = min(depth, streamed)
     copy_engine_free = dequant_engine_free = 0.0
     slot_free = [0.0] * depth
-    buffer_free = [0.0, 0.0]  # fp8: when each compute buffer's last layer has run
+    buffer_free = [0.0] * COMPUTE_BUFFERS  # fp8: when each compute buffer's last layer has run
     copy_done: list[float] = []
     t = 0.0
     starts = []
@@ -974,10 +975,10 @@ def simulate_frame_ms(
                 copy_engine_free = begin + copy_ms
                 copy_done.append(copy_engine_free)
             if staged:
-                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % 2]) + dequant_ms
+                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % COMPUTE_BUFFERS]) + dequant_ms
                 slot_free[j % depth] = dequant_engine_free
                 t = max(t, dequant_engine_free) + layer_ms + streamed_extra_ms
-                buffer_free[j % 2] = t
+                buffer_free[j % COMPUTE_BUFFERS] = t
             else:
                 t = max(t, copy_done[j]) + layer_ms + streamed_extra_ms
                 slot_free[j % depth] = t
@@ -1130,7 +1131,7 @@ def plan_table(
     link = link_bandwidth_gbps() if link_gbps is None else link_gbps
 
     def row(mode: str, plan: OffloadPlan) -> PlanRow:
-        est = _estimate_for(config, plan, dtype, workload)
+        est = estimate_for_workload(config, plan, dtype, workload)
         ms = predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         fits = est.total_vram <= budget_bytes
         return PlanRow(
@@ -1220,10 +1221,14 @@ def add_table_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
-def _resident_line(config: VibeVoiceConfig) -> str:
+def resident_frame_note(config: VibeVoiceConfig) -> str:
+    """Where the size's T_resident comes from: "measured: ..." or "DEFAULT, not measured: ..."."""
     frame = resident_frame(config)
-    kind = "measured" if frame.measured else "DEFAULT, not measured"
-    return f"T_resident {frame.ms:.1f} ms/frame ({kind}: {frame.source})"
+    return f"{'measured' if frame.measured else 'DEFAULT, not measured'}: {frame.source}"
+
+
+def _resident_line(config: VibeVoiceConfig) -> str:
+    return f"T_resident {resident_frame(config).ms:.1f} ms/frame ({resident_frame_note(config)})"
 
 
 def run_table_command(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from .host_slabs import FP8, SlabLayout, point_layer
 # fp8 streaming: one buffer the current layer computes from, one the next is dequantised into.
 COMPUTE_BUFFERS = 2
 
+
 def make_shell(template: nn.Module) -> nn.Module:
     """A structural copy of `template` whose tensors are on the meta device (no data copied)."""
     memo: dict[int, object] = {}
