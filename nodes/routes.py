@@ -21,8 +21,6 @@ message); a malformed request gets HTTP 400, an unexpected failure HTTP 500, bot
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import logging
 import math
 import sys
@@ -89,20 +87,15 @@ def _device_memory() -> tuple[int | None, int | None]:
 def _link_gbps() -> tuple[float, str]:
     """The measured pinned link speed if a run already cached it, else the PCIe 4 default.
     Never measures here: that would put 256 MiB on the GPU behind ComfyUI's back."""
-    import torch
-
     from ..vibevoice_offload import planner
 
-    default = planner.PCIE_DEFAULTS[planner.DEFAULT_PCIE_GEN]
     try:
-        if torch.cuda.is_available():
-            cached = json.loads(planner.LINK_CACHE_FILE.read_text())
-            value = cached.get(torch.cuda.get_device_name()) if isinstance(cached, dict) else None
-            if isinstance(value, (int, float)) and value > 0:
-                return float(value), "measured earlier on this GPU"
-    except (OSError, ValueError, RuntimeError):
-        pass
-    return default, f"PCIe {planner.DEFAULT_PCIE_GEN} default"
+        value = planner.cached_link_gbps()
+    except RuntimeError:  # a CUDA device that cannot be queried
+        value = None
+    if value is not None and value > 0:
+        return value, "measured earlier on this GPU"
+    return planner.PCIE_DEFAULTS[planner.DEFAULT_PCIE_GEN], f"PCIe {planner.DEFAULT_PCIE_GEN} default"
 
 
 def _config_for(body: dict) -> tuple[Any, str, str | None]:
@@ -177,9 +170,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     budget = None if free is None else int(free * (utilisation if mode == "auto" else 1.0))
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
-    auto_kw = dict(kw)
-    if "link_gbps" in inspect.signature(planner.plan_auto).parameters:
-        auto_kw["link_gbps"] = link  # a planner that rates plans by speed must never measure from here
+    auto_kw = dict(kw, link_gbps=link)  # plan_auto rates plans by speed: it must never measure the link from here
 
     error = None
     if mode == "auto":

@@ -1067,6 +1067,22 @@ def measure_link_gbps(nbytes: int = _LINK_PROBE_BYTES, repeats: int = _LINK_PROB
     return nbytes / statistics.median(seconds) / GB
 
 
+def _read_link_cache(cache_file: Path) -> dict:
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def cached_link_gbps(cache_file: Path = LINK_CACHE_FILE) -> float | None:
+    """The current CUDA device's cached link figure, never measuring; None if there is none."""
+    if not torch.cuda.is_available():
+        return None
+    value = _read_link_cache(cache_file).get(torch.cuda.get_device_name())
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def link_bandwidth_gbps(
     *, pcie_gen: int = DEFAULT_PCIE_GEN, cache_file: Path = LINK_CACHE_FILE, refresh: bool = False
 ) -> float:
@@ -1075,12 +1091,7 @@ def link_bandwidth_gbps(
     if not torch.cuda.is_available():
         return PCIE_DEFAULTS[pcie_gen]
     name = torch.cuda.get_device_name()
-    try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
+    cached = _read_link_cache(cache_file)
     if not refresh and isinstance(cached.get(name), (int, float)):
         return float(cached[name])
     measured = measure_link_gbps()
