@@ -4,18 +4,18 @@
 # their Python 3.12 wheels travel in the ignored .whl/ folder, and ComfyUI (for the GPU
 # eviction test) in .cache/comfyui, so a call carries [".whl", ".cache/comfyui"]:
 #
-#   run(kind="nvidia-h100-x1", carry=[".whl", ".cache/comfyui"], command="bash bench/gpu_session.sh check")
+#   run(kind="nvidia-h100-x1", carry=[".whl", ".cache/comfyui"], command="bash bench/gpu_session.sh small")
 #
-# Phases (the offload benchmark is split over three calls, large, small and peers; each later one resumes the JSON
-# the earlier one wrote, copied into bench/results/ in between):
+# Phases (the offload benchmark is split over calls; each later one resumes the JSON the
+# earlier one wrote, copied into bench/results/ in between):
 #   tests    GPU tests (-m gpu)
-#   check    GPU tests (-m gpu); this project's Large rows (30 frames), speech half eager vs CUDA graph
-#   large    offload_bench: Large, this project (150 frames) and diffusers
-#   small    offload_bench: 1.5B, this project and every peer
-#   peers    offload_bench: Large's seed design, accelerate (12 and 8 GB) and transformers' generate
+#   small    GPU tests; 1.5B with only the speech half from CUDA graphs (30 frames, the loop
+#            before the decoder graphs, same machine); then 1.5B, this project and every peer
+#   large    GPU offload tests; 1.5B fp8 rows again; Large, this project (150 frames) and diffusers
+#   peers    offload_bench: Large's seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
 set -uo pipefail
-phase=${1:?phase: tests | check | large | small | peers | planner}
+phase=${1:?phase: tests | small | large | peers | planner}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -28,23 +28,23 @@ case $phase in
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
     ;;
-  check)  # GPU tests, then this project's Large rows with the speech half eager and replayed (same machine)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
-    cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
-    for mode in eager graph; do
-      flag=$([ $mode = eager ] && echo --eager-speech)
-      mkdir -p "$OUT/$mode"
-      timeout 200 python3 bench/offload_bench.py --models Large --methods ours --frames 30 $flag --out "$OUT/$mode" \
-        2>&1 | tee "$OUT/$mode/ours-Large.log"
-      rm -f "$OUT/$mode"/*.png  # at most 8 files come back
-    done
-    ;;
-  large)
-    timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
-    ;;
-  small)  # 1.5B: this project and every peer
-    timeout 300 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
+  small)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
+    mkdir -p "$OUT/speech-graph"
+    timeout 90 python3 bench/offload_bench.py --models 1.5B --methods ours --frames 30 --graphs speech \
+      --out "$OUT/speech-graph" 2>&1 | tee "$OUT/speech-graph/ours-1.5B.log"  # at most 8 files come back
+    rm -f "$OUT/speech-graph"/*.png
+    timeout 290 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
+    ;;
+  large)  # after `small`: the fp8 1.5B rows again (dequantisation graphs), then Large
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
+    timeout 60 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --methods ours --dtypes fp8 \
+      2>&1 | tee "$OUT/bench-1.5B-fp8.log"
+    timeout 400 python3 bench/offload_bench.py --resume "$OUT/$(basename "$RUN")" --models Large --methods ours diffusers \
+      --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
     ;;
   peers)  # Large's slow peers and transformers' generate
     timeout 250 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate \

@@ -140,10 +140,24 @@ class PeerExecutor:
 
         return ctx()
 
-    def new_kv_cache(self, max_length):
-        from transformers import DynamicCache
+    # Their hooks move weights inside the layers' forward calls: no CUDA graphs over the layers.
+    capturable = False
 
-        return DynamicCache(config=self.model.config.text_config)
+    def begin_run(self):
+        pass
+
+
+class EagerLayers:
+    """Our engine with the decoder layers run eagerly (`--graphs speech`: the frame loop as it
+    was before the layers were captured)."""
+
+    capturable = False
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
 
 
 def place_for_peer(model, resident_layers: int) -> list[int]:
@@ -210,7 +224,7 @@ class Bench:
 
     def write(self) -> None:
         doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.link, "torch": torch.__version__,
-               "speech_cuda_graph": self.args.cuda_graph,
+               "cuda_graphs": self.args.graphs,
                "frames": self.args.frames, "peer_frames": self.args.peer_frames, "slow_frames": self.args.slow_frames,
                "t_resident_ms": self.t_resident, "decoder_pass_ms": self.decoder_ms, "extra": self.extra, "rows": self.rows}
         self.json_path.write_text(json.dumps(doc, indent=1, default=str))
@@ -372,7 +386,7 @@ class Bench:
 
         def run():
             engine.load()
-            res = timed_frames(FrameLoop(model, engine, cuda_graph=self.args.cuda_graph), prompt, self.args.frames)
+            res = timed_frames(self.our_loop(model, engine), prompt, self.args.frames)
             stats = engine.stats()
             res["link_gbps"] = stats.get("offload_link_gbps") or None
             res["copy_ms_per_frame"] = stats.get("offload_copy_ms", 0) / max(stats["offload_passes"], 1)
@@ -389,9 +403,16 @@ class Bench:
 
         return run
 
+    def our_loop(self, model, engine):
+        from vibevoice_offload.frame_loop import FrameLoop
+
+        executor = engine if self.args.graphs == "all" else EagerLayers(engine)
+        return FrameLoop(model, executor, cuda_graph=self.args.graphs != "none")
+
     def breakdown(self, size, model, engine, prompt) -> None:
         """Where a fully resident frame's time goes: synchronised timers around each stage, then
         a short torch.profiler trace (kernel launches per frame, top host-side ops)."""
+        from vibevoice_offload.decoder_pass import DecoderPass
         from vibevoice_offload.frame_loop import FrameLoop
         from vibevoice_offload.speech_frame import SpeechFrame
 
@@ -410,8 +431,8 @@ class Bench:
             return wrapper
 
         core = model.model
-        loop._decoder_pass = timed("decoder_pass", loop._decoder_pass)
-        sample = SpeechFrame._sample_latent
+        step, sample = DecoderPass.step, SpeechFrame._sample_latent
+        DecoderPass.step = timed("decoder_pass", step)
         SpeechFrame._sample_latent = timed("diffusion_head_10_steps", sample)
         dec_fwd, sem_fwd = core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
         core.audio_tower.decoder.forward = timed("acoustic_decoder", dec_fwd)
@@ -421,13 +442,13 @@ class Bench:
             res = timed_frames(loop, prompt, frames)
         finally:
             del core.audio_tower.decoder.forward, core.semantic_tokenizer_encoder.forward
-            SpeechFrame._sample_latent = sample
+            DecoderPass.step, SpeechFrame._sample_latent = step, sample
         per_frame = {k: v * 1000 / frames for k, v in spent.items()}
         per_frame["frame_synchronised_ms"] = res["ms_per_frame"]
         # profiler: 5 frames
         from torch.profiler import ProfilerActivity, profile
 
-        loop2 = FrameLoop(model, engine, cuda_graph=self.args.cuda_graph)
+        loop2 = self.our_loop(model, engine)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             timed_frames(loop2, prompt, 6, skip=0)
         events = prof.key_averages()
@@ -474,7 +495,7 @@ class Bench:
                 loop_cls = SeedLoop
             else:
                 raise ValueError(method)
-            res = timed_frames(loop_cls(model, PeerExecutor(model), cuda_graph=self.args.cuda_graph), prompt, frames)
+            res = timed_frames(loop_cls(model, PeerExecutor(model), cuda_graph=self.args.graphs != "none"), prompt, frames)
             res["k"] = len(streamed)
             return res
 
@@ -603,8 +624,9 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
     parser.add_argument("--no-deep", dest="deep", action="store_false",
                         help="plan with prefetch depth 2 instead of letting plan_auto choose the ring depth per budget")
-    parser.add_argument("--eager-speech", dest="cuda_graph", action="store_false",
-                        help="run the speech half of each frame eagerly instead of replaying its CUDA graph")
+    parser.add_argument("--graphs", choices=("all", "speech", "none"), default="all",
+                        help="which halves of our frame replay CUDA graphs: both (the default), only the speech "
+                             "half (the loop before the decoder layers were captured), or neither")
     parser.add_argument("--plot-only", metavar="JSON")
     parser.add_argument("--resume", metavar="JSON", help="append to an earlier run's JSON (same card)")
     args = parser.parse_args(argv)

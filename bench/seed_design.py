@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vibevoice_offload.decoder_pass import DecoderPass
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import FrameLoop
-from vibevoice_offload.offload.kv_cache import PreallocatedCache  # noqa: F401  (the seed used DynamicCache)
 
 
 class SeedHooks:
@@ -51,14 +51,17 @@ class SeedHooks:
         self.handles.clear()
 
 
-class SeedLoop(FrameLoop):
-    """Our frame loop, but each CFG branch passes through all layers on its own (m = 2)."""
+class SeedDecoderPass(DecoderPass):
+    """Each CFG branch passes through all layers on its own (m = 2), eagerly."""
 
-    def _decoder_pass(self, inputs):
-        outputs = []
-        for single in inputs:
-            outputs.extend(super()._decoder_pass([single]))
-        return outputs
+    def step(self, embeds):
+        return torch.cat([self.run_rows([(row, embeds)]) for row in range(self.cache.rows)])
+
+
+class SeedLoop(FrameLoop):
+    """Our frame loop with the seed's decoder passes."""
+
+    decoder_pass = SeedDecoderPass
 
 
 def seed_executor(model: nn.Module) -> ResidentExecutor:

@@ -78,7 +78,8 @@ class CountingExecutor(ResidentExecutor):
         super().__init__(model)
         self.events: list[tuple[str, int]] = []
         for index, layer in enumerate(model.model.language_model.layers):
-            layer.register_forward_pre_hook(lambda module, args, index=index: self.events.append(("forward", index)))
+            # the batch size tells a pass of one branch from a pass of both
+            layer.register_forward_pre_hook(lambda module, args, index=index: self.events.append(("forward", index, args[0].shape[0])))
 
     def decoder_layer(self, index):
         self.events.append(("fetch", index))
@@ -96,11 +97,12 @@ def test_each_layer_is_fetched_once_per_frame_for_both_branches(tiny_model_dir, 
     result = vv.generate(SCRIPT, two_voices, GenerationSettings(cfg=cfg, steps=2, max_frames=frames), executor=executor)
     layers = vv.checkpoint.config.text_config.num_hidden_layers
     assert result.stats["frames"] == frames
-    one_pass = []
+    prompt_pass, step = [], []
     for i in range(layers):
-        one_pass += [("fetch", i)] + [("forward", i)] * branches + [("done", i)]
+        prompt_pass += [("fetch", i)] + [("forward", i, 1)] * branches + [("done", i)]  # the prompts differ in length
+        step += [("fetch", i), ("forward", i, branches), ("done", i)]  # one batch of both branches
     # prefill + one pass per later frame (the last frame's token came from the previous pass)
-    assert executor.events == one_pass * frames
+    assert executor.events == prompt_pass + step * (frames - 1)
 
 
 def test_callback_sees_every_frame_and_can_stop(tiny, two_voices):
@@ -167,8 +169,7 @@ def test_tokenizer_reset_in_place_equals_fresh_caches(tiny):
     from vibevoice_offload.speech_frame import SpeechFrame
 
     model, cpu = tiny.model, torch.device("cpu")
-    ongoing = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, cuda_graph=True)
-    assert not ongoing.use_graph  # graphs are CUDA-only; the CPU runs eagerly
+    ongoing = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, graphs=None)
     with torch.inference_mode():
         for seed in (1, 2, 3):
             previous_audio = ongoing(*_speech_inputs(model.config, seed))[0].clone()
@@ -176,7 +177,59 @@ def test_tokenizer_reset_in_place_equals_fresh_caches(tiny):
         continued = ongoing(*_speech_inputs(model.config, 4))[0].clone()
         ongoing.reset_tokenizers()
         after_reset = [t.clone() for t in ongoing(*_speech_inputs(model.config, 4))]
-        fresh = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, cuda_graph=False)(*_speech_inputs(model.config, 4))
+        fresh = SpeechFrame(model, cpu, torch.float32, steps=3, cfg=1.3, graphs=None)(*_speech_inputs(model.config, 4))
     assert not torch.equal(continued, after_reset[0])  # the caches did carry context
     assert all(torch.equal(a, b) for a, b in zip(after_reset, fresh))
     assert previous_audio.shape == continued.shape
+
+
+@pytest.mark.parametrize("bucket", [8, 256])
+def test_batched_step_equals_one_branch_at_a_time(tiny, monkeypatch, bucket):
+    """A step runs both branches as one batch over the static cache rows (masked views that
+    grow by `bucket` positions); it must equal running each branch on its own over its
+    filled prefix, through an undone step and a hidden prefix of the negative branch."""
+    from vibevoice_offload import decoder_pass
+    from vibevoice_offload.decoder_pass import BranchCache, DecoderPass
+
+    monkeypatch.setattr(decoder_pass, "VIEW_BUCKET", bucket)
+    lm, text = tiny.model.model.language_model, tiny.model.config.text_config
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, n, text.hidden_size, generator=g) for n in (11, 1)]
+    tokens = [torch.randn(1, 1, text.hidden_size, generator=g) for _ in range(12)]
+    passes = []
+    with torch.inference_mode():
+        for batched in (True, False):
+            cache = BranchCache(text, 2, 40, torch.device("cpu"), torch.float32)
+            decoder = DecoderPass(lm, ResidentExecutor(tiny.model), cache, graphs=None)
+            outputs = [decoder.run_rows([(0, prompts[0]), (1, prompts[1])])]
+            for i, token in enumerate(tokens):
+                if batched:
+                    outputs.append(decoder.step(token))
+                else:
+                    outputs.append(torch.cat([decoder.run_rows([(row, token)]) for row in (0, 1)]))
+                if i == 3:
+                    cache.undo_last(1)
+                if i == 6:
+                    cache.undo_last(1)
+                    cache.hide_before_now(1)
+            passes.append((outputs, list(cache.lengths), cache.device_lengths.tolist(), cache.device_visible_from.tolist()))
+    (batched, *state_b), (single, *state_s) = passes
+    assert state_b == state_s == [[23, 11], [23, 11], [0, 6]]
+    for a, b in zip(batched, single):
+        assert a.shape == (2, text.hidden_size)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[-1][1], batched[-2][1])  # the steps did move the branch
+
+
+def test_a_full_branch_cache_is_refused(tiny):
+    from vibevoice_offload.decoder_pass import BranchCache, DecoderPass
+
+    lm, text = tiny.model.model.language_model, tiny.model.config.text_config
+    cache = BranchCache(text, 1, 3, torch.device("cpu"), torch.float32)
+    decoder = DecoderPass(lm, ResidentExecutor(tiny.model), cache, graphs=None)
+    token = torch.zeros(1, 1, text.hidden_size)
+    with torch.inference_mode():
+        decoder.run_rows([(0, torch.zeros(1, cache.capacity - 1, text.hidden_size))])
+        decoder.step(token)
+        with pytest.raises(RuntimeError, match="KV cache is full"):
+            decoder.step(token)

@@ -13,6 +13,8 @@ from unittest import mock
 import pytest
 import torch
 
+from vibevoice_offload.cuda_graphs import GraphPool
+from vibevoice_offload.decoder_pass import DecoderPass
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import FrameLoop, GenerationSettings
 from vibevoice_offload.speech_frame import SpeechFrame
@@ -97,11 +99,11 @@ def _capture_run(model, tokenizer, executor, voices, settings):
     runs eagerly, before any CUDA graph is captured)."""
     loop = FrameLoop(model, executor)
     seen: dict[str, torch.Tensor] = {}
-    decoder_pass, sample = loop._decoder_pass, SpeechFrame._sample_latent
+    prompt_passes, sample = DecoderPass.run_rows, SpeechFrame._sample_latent
 
-    def first_pass(inputs):
-        out = decoder_pass(inputs)
-        seen.setdefault("prefill", torch.cat([h.float().cpu() for h in out]))
+    def first_pass(self, inputs):
+        out = prompt_passes(self, inputs)
+        seen.setdefault("prefill", out.float().cpu())
         return out
 
     def first_latent(self):
@@ -110,9 +112,8 @@ def _capture_run(model, tokenizer, executor, voices, settings):
             seen["latent"] = latent.float().cpu()
         return latent
 
-    loop._decoder_pass = first_pass
     prompt = build_prompt(tokenizer, model.config, SCRIPT, voices)
-    with mock.patch.object(SpeechFrame, "_sample_latent", first_latent):
+    with mock.patch.object(DecoderPass, "run_rows", first_pass), mock.patch.object(SpeechFrame, "_sample_latent", first_latent):
         loop.run(prompt, settings)
     return seen
 
@@ -267,7 +268,8 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
     outputs = {}
     with torch.inference_mode():
         for graph in (False, True):
-            frame = SpeechFrame(vv.model, cuda, torch.bfloat16, steps=5, cfg=cfg, cuda_graph=graph)
+            graphs = GraphPool(cuda) if graph else None
+            frame = SpeechFrame(vv.model, cuda, torch.bfloat16, steps=5, cfg=cfg, graphs=graphs)
             seen = []
             for i, (noise, positive, negative) in enumerate(inputs):
                 if i == 4:
@@ -276,6 +278,8 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
                 seen.append((audio.float().cpu(), embeds.float().cpu()))
             assert frame.captured == graph
             frame.release()
+            if graphs is not None:
+                graphs.release()
             outputs[graph] = seen
     for (a_eager, e_eager), (a_graph, e_graph) in zip(outputs[False], outputs[True]):
         assert torch.equal(a_eager, a_graph)
@@ -283,3 +287,46 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
     prompt_run = FrameLoop(vv.model, ResidentExecutor(vv.model)).run(
         build_prompt(vv.tokenizer, config, SCRIPT, voices), GenerationSettings(cfg=cfg, steps=3, seed=1, max_frames=4))
     assert prompt_run.stats["cuda_graph"] is True
+
+
+@pytest.mark.parametrize("plan", [OffloadPlan(LAYERS, "bf16"), OffloadPlan(3, "bf16", prefetch_depth=2), OffloadPlan(3, "fp8", prefetch_depth=2)])
+def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
+    """Whole runs with both halves of each frame (and fp8 dequantisation) replayed from CUDA
+    graphs write the same bits as eager runs: resident, and streamed through two slots (5
+    streamed layers: a layer's slot changes from frame to frame, so it is captured once per
+    slot it runs from)."""
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=5, max_frames=8)
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, plan, "cuda")
+    engine.load()
+    prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
+    runs = {}
+    for graph in (False, True):
+        if engine._ring is not None:  # fp8: the ring's dequantisation graphs too (they outlive runs)
+            engine._ring._capture = graph
+        runs[graph] = FrameLoop(vv.model, engine, cuda_graph=graph).run(prompt, settings)
+    dequant_graphs = len(engine._ring._dequant_graphs) if engine._ring is not None else 0
+    engine.close()
+    assert dequant_graphs == (2 * 2 if plan.fp8 else 0)  # every (compute buffer, staging slot) pair
+    assert runs[True].stats["cuda_graph"] and not runs[False].stats["cuda_graph"]
+    streamed = LAYERS - plan.resident_layers
+    assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + (streamed if streamed else 0)
+    assert runs[False].stats["decoder_layer_graphs"] == 0
+    assert torch.equal(runs[True].waveform, runs[False].waveform)
+
+
+def test_reserved_memory_returns_after_each_run(mid_dir, voices):
+    """Each run's graphs live in a pool of its own that the run frees: with the model kept
+    loaded, reserved VRAM does not creep from run to run."""
+    vv = load(mid_dir)
+    engine = OffloadEngine(vv.model, OffloadPlan(3, "bf16"), "cuda")
+    engine.load()
+    prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
+    reserved = []
+    for seed in range(5):
+        result = FrameLoop(vv.model, engine).run(prompt, GenerationSettings(cfg=1.3, steps=3, seed=seed, max_frames=6))
+        assert result.stats["cuda_graph"]
+        reserved.append(torch.cuda.memory_reserved())
+    engine.close()
+    print("reserved after each run (MiB):", [r >> 20 for r in reserved])
+    assert reserved[-1] <= reserved[1]

@@ -131,8 +131,9 @@ def test_kv_cache_per_token(large, small):
 def test_kv_cache_counts_all_layers_and_both_branches(large):
     # prompt: 400 text + ceil(240000/3200)=75 + ceil(168001/3200)=53 voice frames + 48 + 2 x 8
     prompt = 400 + 75 + 53 + 48 + 16
-    positive, negative = prompt + 900, 900 + 1
-    expected = (positive + negative) * 28 * 2 * 4 * 128 * 2
+    positions = 1536  # each branch: prompt + 900 = 1492, rounded up to whole 256-position views
+    assert prompt + 900 == 1492
+    expected = 2 * positions * 28 * 2 * 4 * 128 * 2
     for resident in (0, 5, 28):  # streamed layers keep their KV on the GPU too
         assert _estimate(large, OffloadPlan(resident, "bf16")).kv_cache == expected
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import DynamicCache, VibeVoiceForConditionalGeneration
+from transformers import VibeVoiceForConditionalGeneration
 
 
 class Executor(Protocol):
@@ -33,8 +33,14 @@ class Executor(Protocol):
     def acoustic_encoder(self) -> contextlib.AbstractContextManager[nn.Module]:
         """The acoustic encoder on `device`, needed only while voice prompts are encoded."""
 
-    def new_kv_cache(self, max_length: int) -> DynamicCache:
-        """An empty KV cache for one CFG branch that will hold at most `max_length` positions."""
+    @property
+    def capturable(self) -> bool:
+        """Whether the layers it hands out may be replayed from CUDA graphs: their weights
+        move only by work the executor orders outside the layers' forward calls (module
+        hooks, as the benchmark's peers use, would not run on replay)."""
+
+    def begin_run(self) -> None:
+        """A run starts (after its voice prompts are encoded): place what it needs, reset statistics."""
 
 
 class ResidentExecutor:
@@ -58,5 +64,9 @@ class ResidentExecutor:
     def acoustic_encoder(self) -> Iterator[nn.Module]:
         yield self.model.model.audio_tower.encoder
 
-    def new_kv_cache(self, max_length: int) -> DynamicCache:
-        return DynamicCache(config=self.model.config.text_config)
+    @property
+    def capturable(self) -> bool:
+        return True
+
+    def begin_run(self) -> None:
+        pass

@@ -4,10 +4,10 @@ Why not `generate`: with guidance != 1 transformers adds a logits-CFG processor 
 a third LLM pass per frame (and changes token choices from the original model), it runs
 the negative branch even at cfg 1, and its streamer sees token ids, not audio.
 
-Per frame both CFG branches pass through decoder layer i before layer i+1, so a layer
-streamed from host memory crosses the link once per frame. The positive branch picks the
-next token; if it is not a speech frame, the negative branch's step is undone (the
-original model only advances the negative branch on frames).
+Per frame both CFG branches pass through the decoder layers as one batch (decoder_pass.py),
+so a layer streamed from host memory crosses the link once per frame. The positive branch
+picks the next token; if it is not a speech frame, the negative branch's step is undone
+(the original model only advances the negative branch on frames).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from transformers import VibeVoiceForConditionalGeneration
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.masking_utils import create_causal_mask
 
 from .config import SAMPLE_RATE, hop_length
+from .cuda_graphs import GraphPool
+from .decoder_pass import BranchCache, DecoderPass
 from .executor import Executor
 from .prompt import Prompt
 from .speech_frame import SpeechFrame
@@ -54,35 +54,17 @@ class GenerationResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Branch:
-    """One CFG branch's KV cache; `visible_from` hides positions before a speech-start reset."""
-
-    cache: Any
-    visible_from: int = 0
-
-    def attention_mask(self, new_tokens: int, device: torch.device) -> torch.Tensor | None:
-        if self.visible_from == 0:
-            return None
-        mask = torch.ones(1, self.cache.get_seq_length() + new_tokens, dtype=torch.long, device=device)
-        mask[:, : self.visible_from] = 0
-        return mask
-
-
-# cuDNN's SDPA kernel (picked first by torch 2.11 on Hopper) builds a new cuDNN graph for
-# every new KV length: about 2.4 ms of host time per attention call in decode (measured,
-# H200), which made the decoder pass host-bound. Flash/efficient kernels give the same
-# results class without the per-shape set-up.
-_DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 class FrameLoop:
     """Generates one dialog from a prompt with a given executor (weight placement)."""
+
+    decoder_pass = DecoderPass  # how the branches go through the layers (the bench's seed design swaps it)
 
     def __init__(self, model: VibeVoiceForConditionalGeneration, executor: Executor, *, cuda_graph: bool = True) -> None:
         self.model = model
         self.executor = executor
-        self.cuda_graph = cuda_graph  # replay the speech half of each frame from a CUDA graph (speech_frame.py)
+        # On CUDA, replay both halves of each frame from CUDA graphs (the decoder half only
+        # where the executor's layers allow it).
+        self.cuda_graph = cuda_graph
         self.config = model.config
         self.lm = model.model.language_model
         self.device = executor.device
@@ -116,24 +98,6 @@ class FrameLoop:
         valid = torch.arange(features.shape[1])[None, :] < frames[:, None]
         return core.multi_modal_projector(features[valid.to(self.device)])
 
-    def _decoder_pass(self, inputs: list[tuple[torch.Tensor, _Branch]]) -> list[torch.Tensor]:
-        """Run every branch through layer i before layer i+1; returns each branch's last normed hidden state."""
-        prepared = []
-        for hidden, branch in inputs:
-            past = branch.cache.get_seq_length()
-            positions = (torch.arange(hidden.shape[1], device=self.device) + past).unsqueeze(0)
-            mask = create_causal_mask(self.lm.config, hidden, branch.attention_mask(hidden.shape[1], self.device), branch.cache, positions)
-            prepared.append([hidden, branch.cache, mask, positions, self.lm.rotary_emb(hidden, positions)])
-        with sdpa_kernel(_DECODE_SDPA_BACKENDS):
-            for index in range(self.config.text_config.num_hidden_layers):
-                layer = self.executor.decoder_layer(index)
-                for item in prepared:
-                    hidden, cache, mask, positions, rotary = item
-                    # Positional: the cache argument is `past_key_values` in transformers 5.17 and `cache` later.
-                    item[0] = layer(hidden, mask, positions, cache, True, rotary)
-                self.executor.decoder_layer_done(index)
-        return [self.lm.norm(item[0][:, -1, :]) for item in prepared]
-
     # --- the loop ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -160,37 +124,41 @@ class FrameLoop:
         placeholders = (ids[0] == self.config.audio_token_id).nonzero().squeeze(1).to(self.device)
         embeds[0, placeholders] = self._voice_embeddings(prompt, generator).to(self.dtype)
 
-        positive = _Branch(self.executor.new_kv_cache(prompt.length + cap))
-        negative = _Branch(self.executor.new_kv_cache(cap + 1)) if use_cfg else None
-        passes = [(embeds, positive)]
-        if negative is not None:
-            passes.append((self._embed(torch.tensor([[self.config.audio_bos_token_id]])), negative))
-        hidden = self._decoder_pass(passes)
-        prefill_done = time.perf_counter()
-
-        speech = SpeechFrame(self.model, self.device, self.dtype, steps=settings.steps, cfg=settings.cfg, cuda_graph=self.cuda_graph)
+        graphs = GraphPool(self.device) if self.cuda_graph and on_cuda else None
+        rows = 2 if use_cfg else 1  # row 0 the positive branch, row 1 the negative one
+        self.executor.begin_run()
+        cache = BranchCache(self.config.text_config, rows, prompt.length + cap, self.device, self.dtype)
+        decoder = self.decoder_pass(self.lm, self.executor, cache, graphs if self.executor.capturable else None)
+        speech = SpeechFrame(self.model, self.device, self.dtype, steps=settings.steps, cfg=settings.cfg, graphs=graphs)
+        prompts = [(0, embeds)]
+        if use_cfg:
+            prompts.append((1, self._embed(torch.tensor([[self.config.audio_bos_token_id]]))))
+        del embeds
         latent_size = self.config.audio_config.hidden_size
         chunks: list[torch.Tensor] = []
         generated = 0
         stopped_by_callback = False
         try:
+            hidden = decoder.run_rows(prompts)
+            del prompts
+            prefill_done = time.perf_counter()
             while True:
                 token = self.allowed[int((hidden[0] @ head_rows.T).argmax(dim=-1))]
                 generated += 1
                 if token == self.config.audio_token_id:
                     noise = torch.randn(2, latent_size, generator=generator)
-                    audio, next_embeds = speech(noise, hidden[0], hidden[1] if use_cfg else None)
+                    audio, next_embeds = speech(noise, hidden[0:1], hidden[1:2] if use_cfg else None)
                     chunk = audio.float().cpu()
                     chunks.append(chunk)
                     if on_frame is not None and on_frame(len(chunks), cap, chunk) is False:
                         stopped_by_callback = True
                         break
                 else:
-                    if negative is not None:
+                    if use_cfg:
                         # The negative branch only advances on frames: undo the step it just took.
-                        negative.cache.crop(-1)
+                        cache.undo_last(1)
                         if token == self.config.audio_bos_token_id:
-                            negative.visible_from = negative.cache.get_seq_length()
+                            cache.hide_before_now(1)
                     if token == self.config.audio_eos_token_id:
                         speech.reset_tokenizers()
                     if token == self.config.eos_token_id:
@@ -198,13 +166,17 @@ class FrameLoop:
                     next_embeds = self._embed(torch.tensor([[token]]))
                 if generated >= cap:
                     break
-                passes = [(next_embeds, positive)]
-                if negative is not None:
-                    passes.append((next_embeds, negative))
-                hidden = self._decoder_pass(passes)
+                hidden = decoder.step(next_embeds)
         finally:
             cuda_graph = speech.captured
-            speech.release()  # an error's traceback must not keep the graph's memory pool alive
+            decoder_graphs = decoder.captured_layers
+            # Drop everything that lives in the graphs' pool before the pool: an error's
+            # traceback must not keep it alive either.
+            audio = next_embeds = None
+            speech.release()
+            decoder.release()
+            if graphs is not None:
+                graphs.release()
 
         end = time.perf_counter()
         waveform = torch.cat(chunks) if chunks else torch.zeros(0)
@@ -223,6 +195,7 @@ class FrameLoop:
             "steps": settings.steps,
             "seed": settings.seed,
             "cuda_graph": cuda_graph,
+            "decoder_layer_graphs": decoder_graphs,
         }
         stats["rtf"] = stats["ms_per_frame"] / (hop / SAMPLE_RATE * 1000)
         if on_cuda:

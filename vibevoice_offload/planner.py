@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PretrainedConfig, VibeVoiceConfig, VibeVoiceForConditionalGeneration
 
 from .config import SAMPLE_RATE, build_config, detect_layout, hop_length, load_config
+from .decoder_pass import round_up as kv_positions
 from .errors import VibeVoiceError
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
@@ -428,8 +429,9 @@ class Estimate:
     norms) plus `gpu_slots.COMPUTE_BUFFERS` (2) model-dtype compute buffers that the layers
     are dequantised into in turn, on a stream of their own, one layer ahead of compute."""
     kv_cache: int
-    """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU):
-    (positive positions prompt_len + max_frames, plus negative positions max_frames + 1)
+    """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
+    branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
+    prompt_len + max_frames positions rounded up to the attention view (256): 2 x positions
     x layers x 2 (K and V) x kv_heads x head_dim x dtype bytes."""
     prefill_activations: int
     """The prompt pass of the positive branch (`_decoder_pass_bytes` with q = kv = prompt_len,
@@ -443,12 +445,11 @@ class Estimate:
     + S x the conv stack's peak for L samples (`_conv_stack_peak_bytes`)."""
     diffusion_and_tokenizer_workspace: int
     """Per-frame transients, summed: one decode step (`_decoder_pass_bytes` with q = 1,
-    kv = the positive branch's length, batch 1: the loop runs the two branches through a
-    layer one after the other; plus 2 x 4 float32 logits); one diffusion-head step
-    (`_diffusion_bytes`); the conv stack's peak on one frame (hop samples); and the
-    streaming conv caches of the acoustic decoder and semantic encoder (batch 1). KV caches
-    are preallocated to their final length (`Executor.new_kv_cache(max_length)`), so
-    growing them copies nothing."""
+    kv = the cache's positions, batch 2: the branches run as one batch over the whole
+    view; plus 2 x 4 float32 logits); one diffusion-head step (`_diffusion_bytes`); the
+    conv stack's peak on one frame (hop samples); and the streaming conv caches of the
+    acoustic decoder and semantic encoder (batch 1). The KV cache is allocated at its final
+    length, so growing it copies nothing."""
     lm_head_rows: int
     """The 4 rows of lm_head the frame loop copies to the GPU for each run (4 x hidden x
     dtype bytes): the frame loop's, not the engine's, so not in `resident_weights`."""
@@ -532,8 +533,8 @@ def estimate(
     slots = ring_bytes(sizes, plan, num_layers)
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
-    positive = prompt_len + max_frames
-    kv = kv_cache_bytes(config, positive, dtype) + kv_cache_bytes(config, max_frames + 1, dtype)
+    positions = kv_positions(prompt_len + max_frames)
+    kv = 2 * kv_cache_bytes(config, positions, dtype)
 
     prefill = _decoder_pass_bytes(config, prompt_len, prompt_len, 1, itemsize) + prompt_len * LM_HEAD_ROWS * 4
 
@@ -546,7 +547,7 @@ def estimate(
         )
 
     workspace = (
-        _decoder_pass_bytes(config, 1, positive, 1, itemsize) + 2 * LM_HEAD_ROWS * 4
+        _decoder_pass_bytes(config, 1, positions, 2, itemsize) + 2 * LM_HEAD_ROWS * 4
         + _diffusion_bytes(config, itemsize)
         + max(
             _conv_stack_peak_bytes(config.audio_config, hop, itemsize),

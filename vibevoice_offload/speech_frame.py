@@ -8,23 +8,19 @@ one at a time from Python, so the host, not the GPU, bounded it (48.7 of 88.3 ms
 resident Large frame on an H100). Its shapes never change within a run, the sampler's
 schedule is the same every frame, and transformers' tokenizer caches are updated in place
 (they keep fixed addresses for exactly this), so on CUDA it is captured once per run as a
-CUDA graph and replayed: one launch a frame, the same kernels on the same addresses.
-
-The graph lives for one run only: its captured pointers include the weights', which
-ComfyUI may move between runs.
+CUDA graph (cuda_graphs.py) and replayed: one launch a frame, the same kernels on the same
+addresses.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from transformers import VibeVoiceForConditionalGeneration
 
-log = logging.getLogger(__name__)
+from .cuda_graphs import GraphPool
 
 
 def make_scheduler() -> DPMSolverMultistepScheduler:
@@ -32,18 +28,11 @@ def make_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 
 
-@functools.cache
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One capture stream per device for the process, as torch.cuda.graph keeps: cuBLAS
-    allocates a workspace (32 MiB on Hopper) for every stream it runs on and keeps it."""
-    return torch.cuda.Stream(device)
-
-
 class SpeechFrame:
     """One run's speech-frame computation, eager or replayed from a CUDA graph.
 
-    Inputs are copied into fixed buffers, so the eager path (CPU, the first frame, or
-    graphs off) and the graph run the same code on the same addresses. The returned
+    Inputs are copied into fixed buffers, so the eager path (no `graphs`, or the first
+    frame) and the graph run the same code on the same addresses. The returned
     tensors are overwritten by the next frame: copy out what must outlive it.
     """
 
@@ -55,7 +44,7 @@ class SpeechFrame:
         *,
         steps: int,
         cfg: float,
-        cuda_graph: bool,
+        graphs: GraphPool | None,
     ) -> None:
         self.core = model.model
         self.steps = steps
@@ -72,7 +61,7 @@ class SpeechFrame:
         self.condition = torch.zeros(2 if cfg != 1.0 else 1, config.text_config.hidden_size, device=device, dtype=dtype)
         self.acoustic_cache: Any = None  # transformers' conv padding caches, created by the first frame
         self.semantic_cache: Any = None
-        self.use_graph = cuda_graph and device.type == "cuda"
+        self.graphs = graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -91,7 +80,7 @@ class SpeechFrame:
             self.graph.replay()
             return self.graph_outputs
         outputs = self._compute()
-        if self.use_graph:
+        if self.graphs is not None:
             # The eager first frame created the tokenizer caches and loaded every kernel
             # (cuBLAS, cuDNN): what capture needs. Capturing runs no kernel, so the caches
             # keep this frame's state.
@@ -108,31 +97,18 @@ class SpeechFrame:
                     layer.cache.zero_()
 
     def release(self) -> None:
-        """Drop the graph and its private memory pool."""
+        """Drop everything that may live in the run's graph pool: the graph, its outputs, the
+        tokenizer caches and the sampler's state (its multistep history of model outputs)."""
         self.graph = self.graph_outputs = None
         self.acoustic_cache = self.semantic_cache = None
+        self.scheduler = None
 
     def _capture(self) -> None:
-        # capture_begin/end on a side stream of our own (capture cannot use the default
-        # stream) rather than `torch.cuda.graph`, which also synchronises, empties the cache
-        # and may run a full garbage collection (0.3 s per run with a model loaded).
-        device = self.noise.device
-        graph, stream = torch.cuda.CUDAGraph(), _capture_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        try:
-            with torch.cuda.stream(stream):
-                # thread_local: ComfyUI's server threads may query the GPU while we capture.
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    outputs = self._compute()
-                finally:
-                    graph.capture_end()
-        except RuntimeError as error:  # an op that cannot be captured: stay eager, still correct
-            log.warning("CUDA graph capture of the speech frame failed, running it eagerly: %s", error)
-            self.use_graph = False
-            return
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph, self.graph_outputs = graph, outputs
+        captured = self.graphs.capture(self._compute)
+        if captured is None:
+            self.graphs = None  # an op that cannot be captured: stay eager
+        else:
+            self.graph, self.graph_outputs = captured
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         core = self.core

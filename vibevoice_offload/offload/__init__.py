@@ -4,6 +4,5 @@ fixed ring of GPU slots, ordered with CUDA events (see docs/OFFLOADING.md)."""
 from .engine import OffloadEngine
 from .gpu_slots import SlotRing
 from .host_slabs import HostLayer, SlabLayout
-from .kv_cache import PreallocatedCache
 
-__all__ = ["HostLayer", "OffloadEngine", "PreallocatedCache", "SlabLayout", "SlotRing"]
+__all__ = ["HostLayer", "OffloadEngine", "SlabLayout", "SlotRing"]

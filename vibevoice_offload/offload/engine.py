@@ -39,7 +39,6 @@ from ..plan import OffloadPlan
 from .dequant import dequant_ops, dequantise
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
 from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, unpack_layer
-from .kv_cache import PreallocatedCache
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +245,15 @@ class OffloadEngine:
             placement.release()  # stream-ordered frees: safe while its kernels are still queued
             self._encoder_placement = None
 
-    def new_kv_cache(self, max_length: int) -> PreallocatedCache:
+    @property
+    def capturable(self) -> bool:
+        return True  # copies and dequantisation are ordered by events outside the layers
+
+    def begin_run(self) -> None:
         if not self._loaded:
             self.load()
         if self._stats_consumed:
             self.reset_stats()
-        return PreallocatedCache(self.model.config.text_config, max_length)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -457,19 +459,19 @@ class OffloadEngine:
         """fp8: enqueue the dequantisation of `use`'s staging slot into the next compute buffer,
         after its copy and after the compute stream is done with that buffer's last layer."""
         ring = self._ring
-        compute = ring.computes[self._next_compute]
+        index = self._next_compute
+        compute = ring.computes[index]
         self._next_compute = (self._next_compute + 1) % len(ring.computes)
-        ops = compute.ops[use.slot.index]
         if self.is_cuda:
             stream = self._dequant_stream
             stream.wait_event(use.slot.copy_done)
             stream.wait_event(compute.free)
             with torch.cuda.stream(stream):
-                dequantise(ops)
+                ring.dequantise(index, use.slot)
             use.slot.free.record(stream)
             compute.ready.record(stream)
         else:
-            dequantise(ops)
+            ring.dequantise(index, use.slot)
         use.compute = compute
 
     # --- statistics ---------------------------------------------------------------------------
@@ -531,13 +533,6 @@ class OffloadEngine:
             out["offload_wait_ms"] = self._wait_ms
             out["offload_link_gbps"] = self._bytes / (self._copy_ms * 1e6) if self._copy_ms > 0 else 0.0
         return out
-
-    # Optional Executor hooks (a frame loop may call them around a run).
-    def begin_run(self) -> None:
-        self.reset_stats()
-
-    def run_stats(self) -> dict[str, Any]:
-        return self.stats()
 
     # --- accounting -----------------------------------------------------------------------------
 
