@@ -499,7 +499,9 @@ class Bench:
             res["k"] = len(streamed)
             return res
 
-        m = 1 if method == "none" else 2  # our loop calls each layer twice per pass; the seed runs two passes
+        # Our loop runs both CFG branches through a layer as one batch: one forward, one onload a
+        # frame (diffusers, accelerate); the seed runs the branches as two passes.
+        m = 2 if method == "seed" else 1
         self.case(size, method, "bf16", budget, run, k=k, layer_bytes=layer_bytes, m=m, model_bytes=model_bytes)
         for fn in cleanup:
             fn()

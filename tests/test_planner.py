@@ -262,21 +262,29 @@ def test_auto_chooses_the_fastest_depth_that_fits(large, budget_gb, stream_dtype
     assert plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, prefetch_depth=2).resident_layers >= plan.resident_layers
 
 
-def test_auto_takes_a_deep_ring_over_a_few_resident_layers_where_the_h200_showed_it(large):
-    """At 12 GB over PCIe 5 a depth-2 ring left the copies 66-92 ms per frame behind (run1, H200);
-    auto trades resident layers for slots where the ring simulation says it pays, as the
-    measured deep rings did (bench/results/NVIDIA-H200-20261127.json)."""
+def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, small):
+    """A slot costs a resident layer; it pays only while the ring can fill it during the rest
+    of the frame. On the H100 (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json) auto took 7
+    resident layers and 5 slots for 1.5B at 4 GB (38.2 ms, 1.07x the bound) and kept 2 slots
+    for Large at 12 GB (122.2 ms, 1.03x): Large's 8.5 ms layers outlast the 13 ms rest of the
+    frame after two of them."""
     work = Workload((120_000, 120_000), 60, 201)
-    shallow = plan_auto(large, 12 * GB, workload=work, prefetch_depth=2, embed_on_host=True)
-    deep = plan_auto(large, 12 * GB, workload=work, link_gbps=55.2, embed_on_host=True)
+
+    def both(config, budget_gb, dtype):
+        shallow = plan_auto(config, budget_gb * GB, workload=work, prefetch_depth=2, embed_on_host=True, stream_dtype=dtype)
+        deep = plan_auto(config, budget_gb * GB, workload=work, link_gbps=55.0, embed_on_host=True, stream_dtype=dtype)
+        return shallow, deep
+
+    shallow, deep = both(small, 4, "bf16")
     assert deep.prefetch_depth > 2 and deep.resident_layers < shallow.resident_layers
-    assert predict_ms_per_frame(large, deep, 55.2) < predict_ms_per_frame(large, shallow, 55.2)
-    # fp8's half-size staging slots make depth cheap, and they free at dequantisation: a large gain
-    shallow = plan_auto(large, 12 * GB, workload=work, prefetch_depth=2, embed_on_host=True, stream_dtype="fp8")
-    deep = plan_auto(large, 12 * GB, workload=work, link_gbps=55.2, embed_on_host=True, stream_dtype="fp8")
-    assert deep.prefetch_depth >= 6
-    assert predict_ms_per_frame(large, deep, 55.2) < 0.92 * predict_ms_per_frame(large, shallow, 55.2)
-    assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.2) == OffloadPlan(28, "bf16")  # all resident: no ring
+    assert predict_ms_per_frame(small, deep, 55.0) < predict_ms_per_frame(small, shallow, 55.0)
+    shallow, deep = both(large, 12, "bf16")
+    assert deep == shallow
+    # fp8's half-size staging slots make depth cheap, and they free at dequantisation
+    shallow, deep = both(large, 12, "fp8")
+    assert deep.prefetch_depth > 2 and deep.resident_layers == shallow.resident_layers
+    assert predict_ms_per_frame(large, deep, 55.0) < 0.95 * predict_ms_per_frame(large, shallow, 55.0)
+    assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.0) == OffloadPlan(28, "bf16")  # all resident: no ring
 
 
 def test_auto_values_are_plausible(large, small):
@@ -355,7 +363,7 @@ def test_speed_bound_matches_performance_md(large):
     # fp8 at 26 streamed layers: about 26 x 4.3 = 110 ms.
     assert planner.bound_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
     # Nothing streamed: the resident frame time bounds it.
-    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 51.0
+    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 22.2
     assert planner.bound_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
     assert real_time_factor(large, 133.0) == pytest.approx(133.0 / (1000 * 3200 / 24000))
     for plan in (OffloadPlan(11, "bf16"), OffloadPlan(0, "fp8", 6), OffloadPlan(27, "bf16"), OffloadPlan(20, "fp8", 3)):
@@ -411,8 +419,10 @@ def _h100_plan(row):
 
 def test_estimate_against_the_h100_measurements(large, small):
     """The committed H100 run (150 frames, both sizes): the engine's resident bytes and host
-    slabs equal the estimate to the byte, and peak reserved VRAM is below the estimate by
-    less than 5%."""
+    slabs equal the estimate to the byte, and peak reserved VRAM is within 5% of the estimate
+    (the issue's target). It measured 0.98-1.01x: the allocator's slack (reserved minus
+    allocated) at the prompt pass varies with fragmentation, 200-330 MB, while the estimate
+    allows 2% + 128 MiB; allocated memory stays within 1% of the estimate."""
     doc, rows = _h100_rows()
     assert {r["model"] for r in rows} == {"Large", "1.5B"} and len(rows) >= 12
     for row in rows:
@@ -423,30 +433,25 @@ def test_estimate_against_the_h100_measurements(large, small):
         assert est.weights == round(row["resident_bytes_gb"] * 1e9), row
         assert est.host_slabs == round(row["host_slab_gb"] * 1e9), row
         measured = row["peak_vram_reserved_gb"] * 1e9
-        assert measured <= est.total_vram <= 1.05 * measured, (row["model"], row["stream_dtype"], row["budget_gb"], est.total_vram / measured)
+        assert 0.95 * measured <= est.total_vram <= 1.05 * measured, (row["model"], row["stream_dtype"], row["budget_gb"], est.total_vram / measured)
+        allocated = row["peak_vram_allocated_gb"] * 1e9
+        assert abs(est.total_vram - est.allocator_slack - allocated) <= 0.01 * allocated, row
 
 
 def test_prediction_against_the_h100_measurements(large, small):
     """The committed H100 frame times against the prediction with that run's link, T_resident
-    and decoder pass: within 15% (the issue's target), except 1.5B with fp8 streaming at 4 GB,
-    measured 1.6x the prediction (MISSED). That frame is host-bound (nothing waits for a
-    copy), and on that machine the identical 1.5B fp8 plan ran 67-106 ms within minutes
-    (bench/results/NVIDIA-H100-80GB-HBM3-20261127-repeats-1.5B.json): the prediction is not
-    pessimistic there, the host was slow."""
+    and decoder pass: within 15% (the issue's target) for every offloaded row of both sizes,
+    bf16 and fp8."""
     doc, rows = _h100_rows()
-    for row in rows:
-        if row["budget_gb"] == "full":
-            continue
+    offloaded = [row for row in rows if row["budget_gb"] != "full"]
+    assert {(r["model"], r["stream_dtype"]) for r in offloaded} == {(m, d) for m in ("Large", "1.5B") for d in ("bf16", "fp8")}
+    for row in offloaded:
         config = _h100_config(row, large, small)
         predicted = predict_ms_per_frame(
             config, _h100_plan(row), doc["link_gbps_measured"], doc["t_resident_ms"][row["model"]],
             decoder_ms=doc["decoder_pass_ms"][row["model"]],
         )
-        where = (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
-        if (row["model"], row["stream_dtype"]) == ("1.5B", "fp8"):
-            assert predicted < row["ms_per_frame"] <= 2 * predicted, where
-        else:
-            assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.15), where
+        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.15), (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
 
 
 def test_link_bandwidth_without_gpu(monkeypatch):
@@ -564,7 +569,7 @@ def test_table_command(capsys):
     assert args.vram == 8_500_000_000
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 52.5 ms/frame (measured" in out
+    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 13.5 ms/frame (measured" in out
     for name in ["auto", *PRESETS]:
         assert name in out
 
