@@ -47,7 +47,7 @@ case $phase in
       --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
     ;;
   peers)  # Large's slow peers and transformers' generate
-    timeout 250 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate \
+    timeout 330 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate --all-slow \
       --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
     ;;
   planner)

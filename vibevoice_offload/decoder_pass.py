@@ -139,6 +139,7 @@ class DecoderPass:
         cos, sin = lm.rotary_emb(self.hidden, self.positions)
         self.rotary = (torch.empty_like(cos), torch.empty_like(sin))
         self.mask = torch.zeros(rows, 1, 1, cache.capacity, dtype=torch.bool, device=device)
+        self._mask_view = self.mask[..., : cache.view]  # what attention reads: the current view
         self._slots = torch.arange(cache.capacity, device=device)
         self._steps = 0
         self._layer_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}

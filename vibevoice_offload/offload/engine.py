@@ -507,7 +507,7 @@ class OffloadEngine:
         self._wait_ms += ms
 
     def stats(self) -> dict[str, Any]:
-        """Offload statistics since the run began (reset by the next run's first KV cache).
+        """Offload statistics since the run began (reset by the next run's `begin_run`).
         Synchronises the device: call it after a run, not inside one."""
         if self.timing:
             self._harvest(block=True)
