@@ -14,8 +14,9 @@
 #   large    GPU offload tests; 1.5B fp8 rows again; Large, this project (150 frames) and diffusers
 #   peers    offload_bench: Large's seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
+#   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 set -uo pipefail
-phase=${1:?phase: tests | small | large | peers | planner}
+phase=${1:?phase: tests | small | large | peers | planner | hostram}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -49,6 +50,9 @@ case $phase in
   peers)  # Large's slow peers and transformers' generate
     timeout 330 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate --all-slow \
       --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
+    ;;
+  hostram)
+    timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"
     ;;
   planner)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_planner_engine.py -k cuda 2>&1 | tee "$OUT/planner-engine-gpu.log"

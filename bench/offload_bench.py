@@ -74,34 +74,42 @@ def log(*args) -> None:
 # measurement helpers
 # ---------------------------------------------------------------------------------------------
 
-def rss_bytes() -> int:
+def rss_bytes(anonymous: bool = False) -> int:
+    """Resident host memory of this process; `anonymous`: without file-backed pages (the
+    mapped CUDA, cuDNN and cuBLAS libraries, whose kernels load lazily on first use)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    resident, file_backed = int(fields[1]), int(fields[2])
+    return (resident - file_backed if anonymous else resident) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RssPeak:
-    """Peak resident host memory over a case, sampled every 10 ms."""
+    """Peak resident host memory over a case (all of it, and anonymous only), sampled every 10 ms."""
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak = self.peak_anonymous = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "RssPeak":
-        self.peak = rss_bytes()
+        self._sample()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rss_bytes())
+        self.peak_anonymous = max(self.peak_anonymous, rss_bytes(anonymous=True))
+
     def _run(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_bytes())
+            self._sample()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._sample()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +270,7 @@ class Bench:
         row["model_gb"] = model_bytes / GB
         if peak and model_bytes and getattr(self, "rss_before_model", None):
             row["host_ram_vs_model"] = (peak.peak - self.rss_before_model) / model_bytes
+            row["host_ram_anonymous_vs_model"] = (peak.peak_anonymous - self.anonymous_before_model) / model_bytes
         ms = row.get("ms_per_frame")
         row["rtf"] = ms / FRAME_MS if ms else None
         t_res = self.t_resident.get(model_name)
@@ -276,7 +285,7 @@ class Bench:
         self.write()
         brief = {k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()
                  if k2 in ("model", "method", "stream_dtype", "budget_gb", "streamed_layers", "ms_per_frame", "rtf", "bound_ms",
-                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "wait_ms_per_frame", "prefetch_depth", "resident_layers", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
+                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "resident_layers", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
         log("ROW", json.dumps(brief))
         return row
 
@@ -286,6 +295,7 @@ class Bench:
         gc.collect()
         empty_host_cache()
         self.rss_before_model = rss_bytes()
+        self.anonymous_before_model = rss_bytes(anonymous=True)
         model = build_random_model(config, draw_on="cuda") if self.cuda else tiny_random_model()
         tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
         return model, sum(t.numel() * t.element_size() for t in tensors)
