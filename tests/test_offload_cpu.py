@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gc
+import os
+from unittest import mock
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import GenerationSettings
 from vibevoice_offload.offload import OffloadEngine, SlabLayout
 from vibevoice_offload.offload.gpu_slots import make_shell
+from vibevoice_offload.offload import engine as engine_module
+from vibevoice_offload.offload import host_slabs
 from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE
 from vibevoice_offload.pipeline import VibeVoice
 from vibevoice_offload.plan import OffloadPlan
@@ -267,3 +270,33 @@ def test_fp8_streamed_layers_release_their_model_dtype_weights(tiny_model_dir):
     assert not layer.mlp.up_proj.weight.is_meta
 
 
+def _anonymous_rss() -> int:
+    """Resident host memory the process allocated (statm: resident minus file-backed pages)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(host_slabs._malloc_trim() is None, reason="needs glibc's malloc_trim (Linux)")
+def test_freed_tensors_go_back_to_the_os(tiny_model_dir):
+    """glibc serves mid-size tensors from its heap and keeps their pages when they are freed
+    below a live allocation: packing, which frees every layer's tensors for its slab, held the
+    layers twice (1.33x the model's bytes for 1.5B on the CPU). `return_freed_memory` hands
+    those pages back, and the engine calls it after packing."""
+    spill = torch.empty(16 << 20, dtype=torch.uint8).fill_(1)
+    del spill  # glibc now serves tensors under 16 MiB from the heap
+    blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(50)]
+    keeper = torch.ones(4 << 20, dtype=torch.uint8)  # a live block above them: no automatic trim
+    del blocks
+    held = _anonymous_rss()
+    host_slabs.return_freed_memory()
+    assert held - _anonymous_rss() > 150e6
+    del keeper
+
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "bf16"), "cpu")
+    with mock.patch.object(engine_module, "return_freed_memory") as handed_back:
+        engine.load()
+        assert handed_back.call_count == 1
+        engine.close()
+        assert handed_back.call_count == 2

@@ -38,7 +38,9 @@ from torch import nn
 from ..plan import OffloadPlan
 from .dequant import dequant_ops, dequantise
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
-from .host_slabs import FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, unpack_layer
+from .host_slabs import (
+    FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, return_freed_memory, unpack_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +265,14 @@ class OffloadEngine:
         pinned = self.plan.pinned and self.is_cuda
         if not self.plan.pinned and self.is_cuda:
             log.warning("pinned=False: streaming from pageable host memory, several times slower than pinned")
+        packed = False
         for i, layer in enumerate(self.layers):
             if self._host[i] is None:
                 layout = self.native if i < self.plan.resident_layers else self.stream_layout
                 self._host[i] = pack_layer(layer, layout, pinned)
+                packed = True
+        if packed:
+            return_freed_memory()  # the layers' original tensors
 
     def load(self) -> None:
         """Pack host slabs (first time only), place the resident parts, build the slot ring. Idempotent."""
@@ -361,6 +367,7 @@ class OffloadEngine:
                 unpack_layer(self.layers[i], host, self.native)
                 self._host[i] = None
         gc.collect()
+        return_freed_memory()  # the slabs
 
     def set_resident_layers(self, n: int) -> None:
         """Keep `n` decoder layers on the device from the next run on (between runs only)."""
@@ -410,6 +417,7 @@ class OffloadEngine:
         point_layer(layer, self.native, host.slab)
         self._host[i] = pack_layer(layer, self.stream_layout, host.pinned)
         del host
+        return_freed_memory()  # the native slab
 
     # --- the ring -----------------------------------------------------------------------------
 

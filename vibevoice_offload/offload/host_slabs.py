@@ -20,6 +20,9 @@ layer once.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -227,6 +230,29 @@ def pack_layer(layer: nn.Module, layout: SlabLayout, pinned: bool) -> HostLayer:
         elif entry.role == "q":
             _set_tensor(layer, entry, torch.empty(entry.shape, dtype=_orig_dtype(layer, entry), device="meta"))
     return host
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (macOS, Windows, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS.
+
+    Packing replaces a layer's tensors with views into its slab, and glibc keeps the freed
+    tensors' pages in its heap (after the first large free it serves tensors up to 32 MiB
+    from the heap, not from mmap): the process held both copies. Measured on the CPU with
+    1.5B at the real shapes, 21 layers streamed: 1.33x the model's bytes after packing,
+    1.04x after this."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def dequantize_host(host: HostLayer, native: SlabLayout, dtype_of: dict[str, torch.dtype]) -> torch.Tensor:
