@@ -233,3 +233,23 @@ def test_a_full_branch_cache_is_refused(tiny):
         decoder.step(token)
         with pytest.raises(RuntimeError, match="KV cache is full"):
             decoder.step(token)
+
+
+def test_layers_with_hooks_are_not_captured(tiny):
+    """A graph replay skips Python hooks, so a hooked layer (a patch, an adapter, our counting
+    executor) must run eagerly."""
+    from vibevoice_offload.decoder_pass import _has_hooks
+
+    layer = tiny.model.model.language_model.layers[0]
+    assert not _has_hooks(layer)
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: None)
+    try:
+        assert _has_hooks(layer)
+    finally:
+        handle.remove()
+    assert not _has_hooks(layer)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert _has_hooks(layer)
+    finally:
+        handle.remove()

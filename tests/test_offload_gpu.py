@@ -286,7 +286,7 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
         assert torch.equal(e_eager, e_graph)
     prompt_run = FrameLoop(vv.model, ResidentExecutor(vv.model)).run(
         build_prompt(vv.tokenizer, config, SCRIPT, voices), GenerationSettings(cfg=cfg, steps=3, seed=1, max_frames=4))
-    assert prompt_run.stats["cuda_graph"] is True
+    assert prompt_run.stats["speech_graph"] is True
 
 
 @pytest.mark.parametrize("plan", [OffloadPlan(LAYERS, "bf16"), OffloadPlan(3, "bf16", prefetch_depth=2), OffloadPlan(3, "fp8", prefetch_depth=2)])
@@ -310,7 +310,7 @@ def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     # Copies and dequantisations run in one order, so with two staging slots and two compute
     # buffers slot i always feeds buffer i: two (buffer, slot) pairs, each captured.
     assert dequant_graphs == (2 if plan.fp8 else 0)
-    assert runs[True].stats["cuda_graph"] and not runs[False].stats["cuda_graph"]
+    assert runs[True].stats["speech_graph"] and not runs[False].stats["speech_graph"]
     streamed = LAYERS - plan.resident_layers
     assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + (streamed if streamed else 0)
     assert runs[False].stats["decoder_layer_graphs"] == 0
@@ -327,7 +327,7 @@ def test_reserved_memory_returns_after_each_run(mid_dir, voices):
     reserved = []
     for seed in range(5):
         result = FrameLoop(vv.model, engine).run(prompt, GenerationSettings(cfg=1.3, steps=3, seed=seed, max_frames=6))
-        assert result.stats["cuda_graph"]
+        assert result.stats["speech_graph"]
         reserved.append(torch.cuda.memory_reserved())
     engine.close()
     print("reserved after each run (MiB):", [r >> 20 for r in reserved])

@@ -6,7 +6,8 @@ them, so the host, not the GPU, set the frame time. So the speech half of a fram
 dequantisation (offload/gpu_slots.py) are captured once and replayed.
 
 A pool's graphs replay one after another, in stream order, so their temporaries may share
-memory. Releasing the pool hands exactly its blocks back to the driver: graphs captured
+memory; what a graph returns must therefore be copied out of the pool before another graph
+of the pool replays (the speech graph writes its outputs into buffers of its own). Releasing the pool hands exactly its blocks back to the driver: graphs captured
 into throwaway private pools would leave each finished run's pool reserved until someone
 empties the whole cache.
 """
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# RuntimeError subclasses that a failed capture must not hide behind an eager fallback.
+_NOT_CAPTURE_ERRORS = tuple(e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e is not None)
+
 
 @functools.cache
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -38,14 +42,11 @@ class GraphPool:
     def __init__(self, device: torch.device) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        self.device = device
+        # "cuda" and "cuda:0" must share one capture stream (and its cuBLAS workspace).
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         with torch.cuda.device(device):
             self._pool: torch.cuda.MemPool | None = torch.cuda.MemPool()
         self._graphs: list[torch.cuda.CUDAGraph] = []
-
-    @property
-    def count(self) -> int:
-        return len(self._graphs)
 
     def capture(self, compute: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T] | None:
         """Capture `compute` (nothing runs: replay the graph to run it). Returns the graph and
@@ -64,6 +65,8 @@ class GraphPool:
                     outputs = compute()
                 finally:
                     graph.capture_end()
+        except _NOT_CAPTURE_ERRORS:
+            raise  # out of memory or a broken device: not something eager execution avoids
         except RuntimeError as error:
             log.warning("CUDA graph capture failed, running eagerly: %s", error)
             return None
@@ -72,8 +75,8 @@ class GraphPool:
         return graph, outputs
 
     def drop(self, graphs: Iterable[torch.cuda.CUDAGraph]) -> None:
-        """Free graphs that will not be replayed again (none may be running: the caller has
-        synchronised since their last replay, as every frame does when it picks a token)."""
+        """Free graphs that will not be replayed again. One still running is freed by CUDA
+        when its work ends; its temporaries stay in the pool, which outlives it."""
         for graph in list(graphs):
             graph.reset()
             self._graphs.remove(graph)

@@ -6,11 +6,13 @@ the kernels are launched once for both, and a streamed layer crosses the link on
 
 Their KV caches are rows of one static buffer per layer (`BranchCache`): each row's length
 and visible range are device tensors, so a step has the same shapes and addresses every
-frame, and on CUDA each layer's step is captured once per run as a CUDA graph and replayed.
+frame, and on CUDA each layer's step is captured as a CUDA graph and replayed.
 A resident Large frame launched ~1,400 kernels in this half from Python: the host, not
-the GPU, bounded it. The graphs are keyed by layer and by the module that runs it: a
-streamed layer runs from whichever slot (or fp8 compute buffer) the offloader filled, and
-each has its own weight addresses. The offloader orders copies around `decoder_layer` /
+the GPU, bounded it. The graphs live for one run and are keyed by layer and by the module
+that runs it: a streamed layer runs from whichever slot (or fp8 compute buffer) the
+offloader filled, each with its own weight addresses, so it is captured once per slot it
+lands in. A layer with forward hooks (a patch, an adapter) runs eagerly: a replay would
+skip them. The offloader orders copies around `decoder_layer` /
 `decoder_layer_done` on the compute stream, outside the graphs, so replay sees the weights
 just as eager calls do.
 
@@ -44,6 +46,14 @@ VIEW_BUCKET = 256
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks that a graph replay would skip."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def round_up(positions: int) -> int:
     """`positions` rounded up to a whole number of VIEW_BUCKETs."""
     return -(-max(positions, 1) // VIEW_BUCKET) * VIEW_BUCKET
@@ -75,16 +85,14 @@ class BranchCache:
         self.device_visible_from = torch.zeros(rows, dtype=torch.long, device=device)
         # Where a step writes each row's new K/V: its length, broadcast over heads and dims.
         self._write_at = self.device_lengths.view(rows, 1, 1, 1).expand(rows, heads, 1, head_dim)
+        # Which `update` the layers get: a row pass of row `row` (prompts, one branch at a
+        # time), or, with None, a step of every row over the first `view` positions.
         self.row: int | None = None
         self.view = VIEW_BUCKET
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -104,6 +112,8 @@ class BranchCache:
 
     def undo_last(self, row: int) -> None:
         """Forget row `row`'s last position (the negative branch only advances on frames)."""
+        if self.lengths[row] == 0:
+            raise RuntimeError(f"KV cache row {row} is empty: nothing to undo")
         self._set_length(row, self.lengths[row] - 1)
 
     def hide_before_now(self, row: int) -> None:
@@ -140,7 +150,7 @@ class DecoderPass:
         self.rotary = (torch.empty_like(cos), torch.empty_like(sin))
         self.mask = torch.zeros(rows, 1, 1, cache.capacity, dtype=torch.bool, device=device)
         self._mask_view = self.mask[..., : cache.view]  # what attention reads: the current view
-        self._slots = torch.arange(cache.capacity, device=device)
+        self._cache_positions = torch.arange(cache.capacity, device=device)
         self._steps = 0
         self._layer_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
@@ -200,7 +210,7 @@ class DecoderPass:
             for index in range(self.num_layers):
                 layer = self.executor.decoder_layer(index)
                 graph = self._layer_graphs.get((index, id(layer)))
-                if graph is None and capture:
+                if graph is None and capture and not _has_hooks(layer):
                     graph = self._capture(index, layer)
                 if graph is not None:
                     graph.replay()
@@ -216,8 +226,8 @@ class DecoderPass:
         cache = self.cache
         for buffer, value in zip(self.rotary, self.lm.rotary_emb(self.hidden, self.positions)):
             buffer.copy_(value)
-        slots = self._slots[None, :]
-        visible = (slots >= cache.device_visible_from[:, None]) & (slots <= cache.device_lengths[:, None])
+        positions = self._cache_positions[None, :]
+        visible = (positions >= cache.device_visible_from[:, None]) & (positions <= cache.device_lengths[:, None])
         self.mask.copy_(visible[:, None, None, :])
         self._mask_view = self.mask[..., :view]
 

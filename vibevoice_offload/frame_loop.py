@@ -168,7 +168,7 @@ class FrameLoop:
                     break
                 hidden = decoder.step(next_embeds)
         finally:
-            cuda_graph = speech.captured
+            speech_graph = speech.captured
             decoder_graphs = decoder.captured_layers
             # Drop everything that lives in the graphs' pool before the pool: an error's
             # traceback must not keep it alive either.
@@ -194,7 +194,7 @@ class FrameLoop:
             "cfg": settings.cfg,
             "steps": settings.steps,
             "seed": settings.seed,
-            "cuda_graph": cuda_graph,
+            "speech_graph": speech_graph,
             "decoder_layer_graphs": decoder_graphs,
         }
         stats["rtf"] = stats["ms_per_frame"] / (hop / SAMPLE_RATE * 1000)

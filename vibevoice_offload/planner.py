@@ -432,7 +432,9 @@ class Estimate:
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
     branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
     prompt_len + max_frames positions rounded up to the attention view (256): 2 x positions
-    x layers x 2 (K and V) x kv_heads x head_dim x dtype bytes."""
+    x layers x 2 (K and V) x kv_heads x head_dim x dtype bytes. The negative row reserves
+    the prompt's positions too, unused; at cfg 1 the loop allocates one row, so this
+    over-estimates by one row there."""
     prefill_activations: int
     """The prompt pass of the positive branch (`_decoder_pass_bytes` with q = kv = prompt_len,
     batch 1) + logits of the 4-row slice for every prompt position (prompt_len x 4 x 4 bytes,

@@ -84,7 +84,7 @@ class SpeechFrame:
             # The eager first frame created the tokenizer caches and loaded every kernel
             # (cuBLAS, cuDNN): what capture needs. Capturing runs no kernel, so the caches
             # keep this frame's state.
-            self._capture()
+            self._capture(like=outputs)
         return outputs
 
     def reset_tokenizers(self) -> None:
@@ -103,12 +103,20 @@ class SpeechFrame:
         self.acoustic_cache = self.semantic_cache = None
         self.scheduler = None
 
-    def _capture(self) -> None:
-        captured = self.graphs.capture(self._compute)
+    def _capture(self, like: tuple[torch.Tensor, torch.Tensor]) -> None:
+        # The graph copies its results into buffers allocated here, outside the pool, whose
+        # blocks the run's other graphs (the decoder layers') may reuse for temporaries.
+        outputs = tuple(torch.empty_like(t) for t in like)
+
+        def compute_into_outputs() -> None:
+            for out, value in zip(outputs, self._compute()):
+                out.copy_(value)
+
+        captured = self.graphs.capture(compute_into_outputs)
         if captured is None:
             self.graphs = None  # an op that cannot be captured: stay eager
         else:
-            self.graph, self.graph_outputs = captured
+            self.graph, self.graph_outputs = captured[0], outputs
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         core = self.core

@@ -380,6 +380,7 @@ class OffloadEngine:
             self.plan = new_plan
             for i in range(min(old, n), max(old, n)):
                 self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
+            return_freed_memory()  # re-packed slabs
             return
         if self.timing:
             self._harvest(block=True)
@@ -388,6 +389,7 @@ class OffloadEngine:
             for i in range(n, old):
                 self._make_host(i)
                 self._reformat_host(i, self.stream_layout.format)
+            return_freed_memory()  # re-packed slabs
         self.plan = new_plan
         for i in range(old, n):  # layers old..n-1 become resident (fp8 slabs dequantise on the device)
             self._make_resident(i)
@@ -417,7 +419,6 @@ class OffloadEngine:
         point_layer(layer, self.native, host.slab)
         self._host[i] = pack_layer(layer, self.stream_layout, host.pinned)
         del host
-        return_freed_memory()  # the native slab
 
     # --- the ring -----------------------------------------------------------------------------
 
