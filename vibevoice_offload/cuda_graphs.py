@@ -44,7 +44,7 @@ class GraphPool:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         # "cuda" and "cuda:0" must share one capture stream (and its cuBLAS workspace).
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        with torch.cuda.device(device):
+        with torch.cuda.device(self.device):
             self._pool: torch.cuda.MemPool | None = torch.cuda.MemPool()
         self._graphs: list[torch.cuda.CUDAGraph] = []
 

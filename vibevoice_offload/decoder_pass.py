@@ -201,8 +201,9 @@ class DecoderPass:
         view = round_up(max(cache.lengths) + 1)
         if view != cache.view:
             cache.view = view
+            self._mask_view = self.mask[..., :view]
             self._drop_graphs()  # captured for the old view
-        self._prepare(view)
+        self._prepare()
         self.hidden.copy_(embeds.expand_as(self.hidden))
         # The first step runs eagerly: it loads every kernel the captures will record.
         capture = self.graphs is not None and self._steps > 0
@@ -221,7 +222,7 @@ class DecoderPass:
         cache.advance(range(cache.rows), 1)
         return self.lm.norm(self.hidden[:, -1, :])
 
-    def _prepare(self, view: int) -> None:
+    def _prepare(self) -> None:
         """The step's positions (each row's length), rotary tables and attention mask."""
         cache = self.cache
         for buffer, value in zip(self.rotary, self.lm.rotary_emb(self.hidden, self.positions)):
@@ -229,7 +230,6 @@ class DecoderPass:
         positions = self._cache_positions[None, :]
         visible = (positions >= cache.device_visible_from[:, None]) & (positions <= cache.device_lengths[:, None])
         self.mask.copy_(visible[:, None, None, :])
-        self._mask_view = self.mask[..., :view]
 
     def _layer_step(self, layer: nn.Module) -> None:
         self.hidden.copy_(layer(self.hidden, self._mask_view, self.positions, self.cache, True, self.rotary))
@@ -247,6 +247,3 @@ class DecoderPass:
         if self.graphs is not None:
             self.graphs.drop(self._layer_graphs.values())
         self._layer_graphs.clear()
-
-    def release(self) -> None:
-        self._drop_graphs()

@@ -170,11 +170,9 @@ class FrameLoop:
         finally:
             speech_graph = speech.captured
             decoder_graphs = decoder.captured_layers
-            # Drop everything that lives in the graphs' pool before the pool: an error's
-            # traceback must not keep it alive either.
-            audio = next_embeds = None
+            # The sampler's history lives in the graphs' pool: drop it before the pool (an
+            # error's traceback must not keep it alive either). The pool frees every graph.
             speech.release()
-            decoder.release()
             if graphs is not None:
                 graphs.release()
 

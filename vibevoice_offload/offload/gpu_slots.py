@@ -12,9 +12,10 @@ H2D copy lands there, and the weights are dequantised on the GPU (`dequant.py`),
 stream of their own, into one of COMPUTE_BUFFERS model-dtype compute buffers. With two
 compute buffers the next layer is dequantised while the current one computes, so the
 dequantisation leaves the compute stream's critical path. A layer's dequantisation is a
-dozen kernels (0.5 ms of host time a layer, which bounded 1.5B frames once the decoder
-layers replayed from graphs): on CUDA each (compute buffer, staging slot) pair's is
-captured as a CUDA graph the second time it is used and replayed after that.
+dozen kernels launched from Python; on CUDA each (compute buffer, staging slot) pair's is
+captured as a CUDA graph the second time it is used and replayed after that, one launch a
+layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
+bound by the ring's depth, not by the host.)
 
 Nothing here allocates after construction.
 """
