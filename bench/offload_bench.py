@@ -154,6 +154,12 @@ class PeerExecutor:
     def begin_run(self):
         pass
 
+    def begin_frames(self):
+        pass
+
+    def end_run(self):
+        pass
+
 
 class EagerLayers:
     """Our engine with the decoder layers run eagerly (`--graphs speech`: the frame loop as it
@@ -232,7 +238,7 @@ class Bench:
 
     def write(self) -> None:
         doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.link, "torch": torch.__version__,
-               "cuda_graphs": self.args.graphs,
+               "cuda_graphs": self.args.graphs, "frame_extension": self.args.frame_extension,
                "frames": self.args.frames, "peer_frames": self.args.peer_frames, "slow_frames": self.args.slow_frames,
                "t_resident_ms": self.t_resident, "decoder_pass_ms": self.decoder_ms, "extra": self.extra, "rows": self.rows}
         self.json_path.write_text(json.dumps(doc, indent=1, default=str))
@@ -285,7 +291,7 @@ class Bench:
         self.write()
         brief = {k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()
                  if k2 in ("model", "method", "stream_dtype", "budget_gb", "streamed_layers", "ms_per_frame", "rtf", "bound_ms",
-                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "resident_layers", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
+                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "resident_layers", "frame_resident_layers", "frame_prefetch_depth", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
         log("ROW", json.dumps(brief))
         return row
 
@@ -332,7 +338,7 @@ class Bench:
                         plan = plan_auto(
                             config, round(budget * GB), stream_dtype=dtype, prefetch_depth=None if self.args.deep else 2,
                             embed_on_host=True, dtype=self.dtype, workload=workload, link_gbps=self.link, resident_ms=t_res,
-                            decoder_ms=dec_ms,
+                            decoder_ms=dec_ms, frame_extension=self.args.frame_extension,
                         )
                     except PlanError as exc:
                         self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
@@ -346,7 +352,8 @@ class Bench:
                     engine.unload()
                     engine.set_plan(plan)
                 row = self.case(size, "ours", dtype, budget, self._ours_case(model, engine, plan, prompt, predicted),
-                                k=n - plan.resident_layers, layer_bytes=engine.stream_layout.nbytes, m=1, model_bytes=model_bytes)
+                                k=n - plan.in_frames().resident_layers, layer_bytes=engine.stream_layout.nbytes, m=1,
+                                model_bytes=model_bytes)
                 if budget is None and row.get("ms_per_frame"):
                     self._set_resident(size, row)
                     if self.args.breakdown:
@@ -404,6 +411,9 @@ class Bench:
             res["layers_per_pass"] = stats["offload_layers_per_pass"]
             res["resident_layers"] = plan.resident_layers
             res["prefetch_depth"] = plan.prefetch_depth
+            # the frames' residency and ring (the frame extension; the bound's k is the frames')
+            res["frame_resident_layers"] = plan.in_frames().resident_layers
+            res["frame_prefetch_depth"] = min(plan.in_frames().prefetch_depth, engine.num_layers - plan.in_frames().resident_layers)
             res["predicted_ms"] = predicted
             res["resident_bytes_gb"] = stats["offload_resident_bytes"] / GB
             res["host_slab_gb"] = stats["offload_host_bytes"] / GB
@@ -636,6 +646,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
     parser.add_argument("--no-deep", dest="deep", action="store_false",
                         help="plan with prefetch depth 2 instead of letting plan_auto choose the ring depth per budget")
+    parser.add_argument("--no-frame-extension", dest="frame_extension", action="store_false",
+                        help="plan without the frame extension (the prompt's VRAM idle during the frames)")
     parser.add_argument("--graphs", choices=("all", "speech", "none"), default="all",
                         help="which halves of our frame replay CUDA graphs: both (the default), only the speech "
                              "half (the loop before the decoder layers were captured), or neither")

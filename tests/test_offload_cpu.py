@@ -39,7 +39,10 @@ def engine_for(tiny_model_dir, plan, dtype="fp32"):
 
 # --- plan validation -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("plan", [OffloadPlan(5, "bf16"), OffloadPlan(-1, "bf16"), OffloadPlan(2, "int4"), OffloadPlan(2, "bf16", prefetch_depth=1)])
+@pytest.mark.parametrize("plan", [
+    OffloadPlan(5, "bf16"), OffloadPlan(-1, "bf16"), OffloadPlan(2, "int4"), OffloadPlan(2, "bf16", prefetch_depth=1),
+    OffloadPlan(2, "bf16", frame_layers=3), OffloadPlan(2, "bf16", frame_slots=-1), OffloadPlan(2, "bf16", frame_layers=True),
+])
 def test_engine_refuses_invalid_plans(tiny_model_dir, plan):
     vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
     with pytest.raises(ValueError):
@@ -163,6 +166,67 @@ def test_an_aborted_pass_resyncs_the_ring(tiny_model_dir, reference):
     engine.decoder_layer(1)  # pass abandoned mid-way (an exception, a cancel)
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
     assert torch.equal(out.waveform, ref.waveform)
+    engine.close()
+
+
+# --- the frame extension ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, reference, stream_dtype):
+    """Frames run with 2 more resident layers and a deeper ring (1 streamed layer, so a ring of
+    one slot): the same audio as the plan without the extension, every layer the prompt passes
+    stream crosses once per pass, the frames stream only the last layer, and after the run
+    the engine holds exactly what it held before."""
+    voices, ref = reference
+    base = OffloadPlan(1, stream_dtype, prefetch_depth=2)
+    vv, engine = engine_for(tiny_model_dir, base)
+    without = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    engine.close()
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, stream_dtype, prefetch_depth=2, frame_layers=2, frame_slots=1))
+    issued = _trace(engine)
+    engine.load()
+    before = engine.resident_bytes
+    arranged = []
+    original = engine.begin_frames
+
+    def begin_frames():
+        original()
+        arranged.append((engine.resident_bytes, len(engine._streamed), len(engine._ring)))
+
+    engine.begin_frames = begin_frames
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    stats = engine.stats()
+    assert torch.equal(out.waveform, without)
+    if stream_dtype == "bf16":
+        assert torch.equal(out.waveform, ref.waveform)
+    layer = engine.native.nbytes
+    # frames: 2 more layers on the device, the ring shrinks to the one layer left to stream
+    slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # fp8: staging + compute buffers
+    assert arranged == [(before - engine._ring.nbytes + 2 * layer + slot, 1, 1)]
+    assert engine.resident_bytes == before and engine._streamed == [1, 2, 3] and len(engine._ring) == 2
+    # the prompt pass (both branches at once) streams layers 1-3 with the base ring primed on
+    # load and running on into the next pass; the frames' ring of one slot streams layer 3
+    # once per pass (primed, then one copy per pass); the run's end re-primes the base ring
+    frame_passes = stats["offload_passes"] - 1
+    assert [layer for layer, _ in issued] == [1, 2, 3, 1, 2] + [3] * (1 + frame_passes) + [1, 2]
+    assert stats["offload_frame_resident_layers"] == 3 and stats["offload_resident_layers"] == 1
+    engine.close()
+
+
+def test_frame_extension_is_undone_when_a_run_fails(tiny_model_dir, reference):
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(0, "bf16", frame_layers=3, frame_slots=2))
+    engine.load()
+    before = engine.resident_bytes
+
+    def fail(i, cap, chunk):
+        assert engine._arranged.resident_layers == 3  # the frames are under the extension
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        vv.generate(SCRIPT, voices, SETTINGS, executor=engine, on_frame=fail)
+    assert engine.resident_bytes == before and engine._arranged == engine.plan
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, ref.waveform)
     engine.close()
 
 

@@ -332,3 +332,42 @@ def test_reserved_memory_returns_after_each_run(mid_dir, voices):
     engine.close()
     print("reserved after each run (MiB):", [r >> 20 for r in reserved])
     assert reserved[-1] <= reserved[1]
+
+
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
+    """Frames with 3 more resident layers and a deeper ring (all graphs on) write the same
+    bits as the plan without them; the extension is on the device during the frames only:
+    allocated memory is back to its level once the run ends."""
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=6, max_frames=10)
+    vv = load(mid_dir)
+    prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
+    runs = {}
+    for plan in (OffloadPlan(1, stream_dtype, 2), OffloadPlan(1, stream_dtype, 2, frame_layers=3, frame_slots=2)):
+        engine = OffloadEngine(vv.model, plan, "cuda")
+        engine.load()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        during = []
+
+        def on_frame(i, cap, chunk):
+            during.append(torch.cuda.memory_allocated() - before)
+
+        result = FrameLoop(vv.model, engine).run(prompt, settings, on_frame)
+        torch.cuda.synchronize()
+        runs[plan.frame_layers] = (result, engine.stats(), during, torch.cuda.memory_allocated() - before)
+        layer_bytes = engine.native.nbytes
+        engine.close()
+        del engine
+        gc.collect()
+    (plain, _, plain_during, plain_left), (ext, stats, ext_during, ext_left) = runs[0], runs[3]
+    assert plain.waveform.numel() > 0 and torch.equal(plain.waveform, ext.waveform)
+    assert ext.stats["decoder_layer_graphs"] > 0 and ext.stats["speech_graph"]
+    assert stats["offload_frame_resident_layers"] == 4 and stats["offload_resident_layers"] == 1
+    # (the plain fp8 ring keeps its dequantisation graphs' pool across runs; the extended run's
+    # end rebuilds the ring, so nothing of the frames is left)
+    assert ext_left == 0 and (plain_left == 0 or stream_dtype == "fp8"), (plain_left, ext_left)
+    # during the frames the 3 layers (and the deeper ring) are on the device beyond the plain run's use
+    extra = min(ext_during) - max(plain_during)
+    print(f"frame extension ({stream_dtype}): {extra >> 20} MiB over the plain run during frames; 3 layers {3 * layer_bytes >> 20} MiB")
+    assert extra >= 3 * layer_bytes

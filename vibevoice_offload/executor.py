@@ -42,6 +42,13 @@ class Executor(Protocol):
     def begin_run(self) -> None:
         """A run starts (after its voice prompts are encoded): place what it needs, reset statistics."""
 
+    def begin_frames(self) -> None:
+        """The prompt pass is enqueued and the voice encoder's memory is free until `end_run`:
+        an executor may spend it on the frames."""
+
+    def end_run(self) -> None:
+        """The run is over (finished, stopped or failed): give back what `begin_frames` took."""
+
 
 class ResidentExecutor:
     """Runs the model where it already is (CPU tests, or a model fully moved to one GPU)."""
@@ -69,4 +76,10 @@ class ResidentExecutor:
         return True
 
     def begin_run(self) -> None:
+        pass
+
+    def begin_frames(self) -> None:
+        pass
+
+    def end_run(self) -> None:
         pass

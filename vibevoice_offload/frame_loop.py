@@ -141,6 +141,7 @@ class FrameLoop:
         try:
             hidden = decoder.run_rows(prompts)
             del prompts
+            self.executor.begin_frames()
             prefill_done = time.perf_counter()
             while True:
                 token = self.allowed[int((hidden[0] @ head_rows.T).argmax(dim=-1))]
@@ -175,6 +176,7 @@ class FrameLoop:
             speech.release()
             if graphs is not None:
                 graphs.release()
+            self.executor.end_run()
 
         end = time.perf_counter()
         waveform = torch.cat(chunks) if chunks else torch.zeros(0)

@@ -6,6 +6,7 @@ dataclass. Keep it small and free of policy.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -39,12 +40,30 @@ class OffloadPlan:
     embed_on_host: bool = False
     """Keep `embed_tokens` on the host; it is only read for the prompt and a few ids."""
 
+    frame_layers: int = 0
+    """Decoder layers made resident for the frames only: after the prompt pass the engine
+    copies layers [resident_layers, resident_layers + frame_layers) to the GPU, into the
+    VRAM that encoding the voice prompts needed (the acoustic encoder and its activations,
+    free again by then), and frees them when the run ends."""
+
+    frame_slots: int = 0
+    """Slots added to the ring for the frames only, in that same VRAM: a deeper ring keeps
+    the link busy through the part of the frame that has no streamed layer."""
+
     @property
     def fp8(self) -> bool:
         return self.stream_dtype == "fp8"
 
     def streamed_layers(self, num_layers: int) -> int:
         return num_layers - self.resident_layers
+
+    def in_frames(self) -> "OffloadPlan":
+        """The residency and ring in effect while frames are generated (the plan itself
+        during the prompt pass and between runs)."""
+        return dataclasses.replace(
+            self, resident_layers=self.resident_layers + self.frame_layers,
+            prefetch_depth=self.prefetch_depth + self.frame_slots, frame_layers=0, frame_slots=0,
+        )
 
     def validate(self, num_layers: int) -> None:
         """Raise `ValueError` naming the first field that the engine cannot execute."""
@@ -63,3 +82,12 @@ class OffloadPlan:
             raise ValueError(f"pinned must be a bool, got {self.pinned!r}")
         if not isinstance(self.embed_on_host, bool):
             raise ValueError(f"embed_on_host must be a bool, got {self.embed_on_host!r}")
+        for name in ("frame_layers", "frame_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.resident_layers + self.frame_layers > num_layers:
+            raise ValueError(
+                f"resident_layers + frame_layers = {self.resident_layers + self.frame_layers} is more than the "
+                f"model's {num_layers} decoder layers"
+            )

@@ -134,6 +134,9 @@ class OffloadEngine:
         self.num_layers = len(self.layers)
         plan.validate(self.num_layers)
         self.plan = plan
+        # The residency and ring in effect: `plan` during prompts and between runs,
+        # `plan.in_frames()` from `begin_frames` to `end_run`.
+        self._arranged = plan
         device = torch.device(device) if device is not None else _default_device()
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -190,7 +193,7 @@ class OffloadEngine:
         if index == 0 and self.timing:
             self._pass_start = self._events.get()
             self._pass_start.record(torch.cuda.current_stream(self._device))
-        if index < self.plan.resident_layers:
+        if index < self._arranged.resident_layers:
             return self.layers[index]
         if not self._queue or self._queue[0].layer != index:
             self._resync(index)
@@ -223,7 +226,7 @@ class OffloadEngine:
             end.record(torch.cuda.current_stream(self._device))
             self._pending_pass.append((self._pass_start, end))
             self._pass_start = None
-        if index < self.plan.resident_layers or not self._queue or self._queue[0].layer != index:
+        if index < self._arranged.resident_layers or not self._queue or self._queue[0].layer != index:
             return
         use = self._queue.popleft()
         if self.is_cuda:
@@ -254,8 +257,39 @@ class OffloadEngine:
     def begin_run(self) -> None:
         if not self._loaded:
             self.load()
+        self._arrange(self.plan)  # a run that failed before its end_run left the frames' arrangement
         if self._stats_consumed:
             self.reset_stats()
+
+    def begin_frames(self) -> None:
+        """Switch to `plan.in_frames()`: the prompt pass is enqueued and the acoustic encoder
+        released, so the VRAM that encoding the voices needed holds `plan.frame_layers` more
+        resident layers and `plan.frame_slots` more ring slots until `end_run`."""
+        self._arrange(self.plan.in_frames())
+
+    def end_run(self) -> None:
+        self._arrange(self.plan)
+
+    def _arrange(self, target: OffloadPlan) -> None:
+        """Make `target`'s residency and ring depth the engine's, between passes (one
+        synchronisation, a few layer copies: once per run, never inside the frame loop).
+        The allocator's cached blocks go back to the driver before the new buffers are
+        made, so the new buffers take the freed memory's place instead of adding to the
+        process's reserved VRAM (ComfyUI sets no allocator limit that would force this)."""
+        if not self._loaded or target == self._arranged:
+            return
+        if self.timing:
+            self._harvest(block=True)
+        self._drop_ring()
+        # Recorded first: if an allocation below fails, end_run still knows what to undo.
+        old, self._arranged = self._arranged, target
+        for i in range(target.resident_layers, old.resident_layers):
+            self._make_host(i)
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+        for i in range(old.resident_layers, target.resident_layers):
+            self._make_resident(i)
+        self._build_ring()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -316,12 +350,12 @@ class OffloadEngine:
             release_layer(self.layers[i], self.native)
 
     def _build_ring(self) -> None:
-        self._streamed = list(range(self.plan.resident_layers, self.num_layers))
+        self._streamed = list(range(self._arranged.resident_layers, self.num_layers))
         self._queue.clear()
         self._next_pos = self._next_slot = self._next_compute = 0
         if not self._streamed:
             return
-        depth = min(self.plan.prefetch_depth, len(self._streamed))
+        depth = min(self._arranged.prefetch_depth, len(self._streamed))
         self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._device)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
@@ -350,6 +384,7 @@ class OffloadEngine:
         if self.timing:
             self._harvest(block=True)
         self._drop_ring()
+        self._arranged = self.plan  # unloaded mid-run: the frames' layers are in _resident_buffers too
         for i in list(self._resident_buffers):
             self._make_host(i)
         self._placement.release()
@@ -370,14 +405,17 @@ class OffloadEngine:
         return_freed_memory()  # the slabs
 
     def set_resident_layers(self, n: int) -> None:
-        """Keep `n` decoder layers on the device from the next run on (between runs only)."""
-        new_plan = dataclasses.replace(self.plan, resident_layers=n)
+        """Keep `n` decoder layers on the device from the next run on (between runs only). The
+        frame extension was planned for the old residency: it is dropped."""
+        self._between_runs("set_resident_layers")
+        new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
         if n == old:
+            self.plan = self._arranged = new_plan
             return
         if not self._loaded:
-            self.plan = new_plan
+            self.plan = self._arranged = new_plan
             for i in range(min(old, n), max(old, n)):
                 self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
             return_freed_memory()  # re-packed slabs
@@ -390,13 +428,25 @@ class OffloadEngine:
                 self._make_host(i)
                 self._reformat_host(i, self.stream_layout.format)
             return_freed_memory()  # re-packed slabs
-        self.plan = new_plan
+        self.plan = self._arranged = new_plan
         for i in range(old, n):  # layers old..n-1 become resident (fp8 slabs dequantise on the device)
             self._make_resident(i)
         self._build_ring()
         if self.is_cuda:
             torch.cuda.synchronize(self._device)
             torch.cuda.empty_cache()
+
+    def set_frame_extension(self, frame_layers: int, frame_slots: int) -> None:
+        """From the next run on, hold `frame_layers` more resident layers and `frame_slots` more
+        ring slots during the frames (`OffloadPlan.frame_layers`; between runs only)."""
+        self._between_runs("set_frame_extension")
+        plan = dataclasses.replace(self.plan, frame_layers=frame_layers, frame_slots=frame_slots)
+        plan.validate(self.num_layers)
+        self.plan = self._arranged = plan
+
+    def _between_runs(self, what: str) -> None:
+        if self._arranged != self.plan:
+            raise RuntimeError(f"{what} between runs only: this engine is generating frames")
 
     def set_plan(self, plan: OffloadPlan) -> None:
         """Adopt another plan with the same stream dtype (residency, depth, pinning of new slabs,
@@ -407,7 +457,7 @@ class OffloadEngine:
             raise ValueError("set_plan cannot change the stream dtype: close() this engine and build a new one")
         plan.validate(self.num_layers)
         self.set_resident_layers(plan.resident_layers)
-        self.plan = plan
+        self.plan = self._arranged = plan
 
     def _reformat_host(self, i: int, fmt: str) -> None:
         """A streamed layer's slab must be in the stream format: re-pack a native slab as fp8.
@@ -524,6 +574,8 @@ class OffloadEngine:
         streamed = len(self._streamed) if self._loaded else self.num_layers - self.plan.resident_layers
         out: dict[str, Any] = {
             "offload_resident_layers": self.plan.resident_layers,
+            "offload_frame_resident_layers": self.plan.in_frames().resident_layers,
+            "offload_frame_prefetch_depth": self.plan.in_frames().prefetch_depth,
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
             "offload_pinned": all(h is not None and h.pinned for h in self._host[self.plan.resident_layers:]),
@@ -573,7 +625,7 @@ class OffloadEngine:
             if id(t) not in seen and t.device == self._device:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        total += self.plan.resident_layers * self.native.nbytes
+        total += self._arranged.resident_layers * self.native.nbytes
         if self._ring is not None:
             total += self._ring.nbytes
         return total
