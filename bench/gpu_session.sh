@@ -9,6 +9,7 @@
 # Phases (the offload benchmark is split over calls; each later one resumes the JSON the
 # earlier one wrote, copied into bench/results/ in between):
 #   tests    GPU tests (-m gpu)
+#   verify   GPU tests; then 1.5B, this project, without and with the frame extension (A/B, same machine)
 #   small    GPU tests; 1.5B with only the speech half from CUDA graphs (30 frames, the loop
 #            before the decoder graphs, same machine); then 1.5B, this project and every peer
 #   large    GPU offload tests; 1.5B fp8 rows again; Large, this project (150 frames) and diffusers
@@ -16,7 +17,7 @@
 #   planner  planner_accuracy (issue 4's table)
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 set -uo pipefail
-phase=${1:?phase: tests | small | large | peers | planner | hostram}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -28,6 +29,17 @@ case $phase in
   tests)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    ;;
+  verify)
+    timeout 280 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    for variant in no-frame-extension frame-extension; do
+      mkdir -p "$OUT/$variant"
+      flag=$([ "$variant" = no-frame-extension ] && echo --no-frame-extension)
+      timeout 140 python3 bench/offload_bench.py --models 1.5B --methods ours $flag --out "$OUT/$variant" \
+        2>&1 | tee "$OUT/$variant/ours-1.5B.log"
+      rm -f "$OUT/$variant"/*.png
+    done
     ;;
   small)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"

@@ -103,7 +103,8 @@ def frames_for(predicted_ms: float, quick: bool) -> int:
 
 def plan_key(plan: OffloadPlan, n: int) -> tuple:
     streamed = n - plan.resident_layers
-    return (plan.resident_layers, plan.stream_dtype if streamed else "-", min(plan.prefetch_depth, streamed), plan.embed_on_host)
+    return (plan.resident_layers, plan.stream_dtype if streamed else "-", min(plan.prefetch_depth, streamed), plan.embed_on_host,
+            plan.frame_layers, plan.frame_slots)
 
 
 class Accuracy:
@@ -282,7 +283,10 @@ class Accuracy:
     def predict_with_run_t_resident(self, row: dict, runner: CaseRunner) -> None:
         t_res = self.t_resident.get(runner.model_name)
         if t_res and row.get("resident_layers") is not None and "error" not in row:
-            plan = OffloadPlan(row["resident_layers"], row["stream_dtype"], max(row.get("prefetch_depth") or 2, 2), True, row.get("embed_on_host", False))
+            plan = OffloadPlan(
+                row["resident_layers"], row["stream_dtype"], max(row.get("prefetch_depth") or 2, 2), True,
+                row.get("embed_on_host", False), row.get("frame_layers", 0), row.get("frame_slots", 0),
+            )
             row["predicted_ms_per_frame_run_t_resident"] = planner.predict_ms_per_frame(
                 runner.config, plan, self.link, t_res, decoder_ms=self.decoder_ms.get(runner.model_name), dtype=runner.dtype,
             )

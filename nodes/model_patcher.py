@@ -394,6 +394,17 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         est = planner.estimate_for_workload(cp.config, plan, cp.dtype, planner.Workload.for_prompt(cp.config, prompt_length, voice_samples, frames))
         return int(est.total_vram - est.weights)
 
+    def _plan_frame_extension(self, settings: OffloadSettings, workload: planner.Workload) -> None:
+        """auto on a GPU: the VRAM the run reserves for encoding the voices (`run_memory`) is idle
+        during the frames; the engine holds more layers and slots there. Presets and manual
+        settings run exactly the layers they name."""
+        layers = slots = 0
+        if settings.mode == "auto" and self.engine_device.type == "cuda":
+            cp = self.vibevoice.checkpoint
+            extended = planner.with_frame_extension(cp.config, self.engine.plan, cp.dtype, workload, planner.link_bandwidth_gbps())
+            layers, slots = extended.frame_layers, extended.frame_slots
+        self.engine.set_frame_extension(layers, slots)
+
     def generate(
         self,
         settings: OffloadSettings,
@@ -408,7 +419,8 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         prompt = build_prompt(self.vibevoice.tokenizer, cp.config, script, voices)
         frames = generation.frame_cap(prompt.length, hop_length(cp.config))
         voice_samples = [int(m.sum()) for m in prompt.voice_mask]
-        memory_required = self.run_memory(prompt.length, voice_samples, frames)
+        prompt_length = prompt.length
+        memory_required = self.run_memory(prompt_length, voice_samples, frames)
         del prompt
 
         self.configure(settings)  # may rebuild the engine (or re-read the weights)
@@ -419,6 +431,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         mm.load_models_gpu([self], memory_required=memory_required)
         load_s = time.perf_counter() - load_start
         mm.throw_exception_if_processing_interrupted()
+        self._plan_frame_extension(settings, planner.Workload.for_prompt(cp.config, prompt_length, voice_samples, frames))
 
         log.info(
             "VibeVoice: generating up to %d frames with %d/%d decoder layers resident (%s)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -271,9 +272,9 @@ def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, sma
     work = Workload((120_000, 120_000), 60, 201)
 
     def both(config, budget_gb, dtype):
-        shallow = plan_auto(config, budget_gb * GB, workload=work, prefetch_depth=2, embed_on_host=True, stream_dtype=dtype)
-        deep = plan_auto(config, budget_gb * GB, workload=work, link_gbps=55.0, embed_on_host=True, stream_dtype=dtype)
-        return shallow, deep
+        # the prompt's plans: the frame extension (tested below) deepens both rings in the frames
+        options = dict(workload=work, embed_on_host=True, stream_dtype=dtype, link_gbps=55.0, frame_extension=False)
+        return plan_auto(config, budget_gb * GB, prefetch_depth=2, **options), plan_auto(config, budget_gb * GB, **options)
 
     shallow, deep = both(small, 4, "bf16")
     assert deep.prefetch_depth > 2 and deep.resident_layers < shallow.resident_layers
@@ -285,6 +286,40 @@ def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, sma
     assert deep.prefetch_depth > 2 and deep.resident_layers == shallow.resident_layers
     assert predict_ms_per_frame(large, deep, 55.0) < 0.95 * predict_ms_per_frame(large, shallow, 55.0)
     assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.0) == OffloadPlan(28, "bf16")  # all resident: no ring
+
+
+@pytest.mark.parametrize("size,budget_gb,stream_dtype", [("1.5B", 3, "bf16"), ("1.5B", 4, "fp8"), ("Large", 8, "bf16"), ("Large", 8, "fp8")])
+def test_frame_extension_spends_only_the_prompts_memory(size, budget_gb, stream_dtype):
+    """auto's frame extension lives in the VRAM the voice encoding needed: the plan's VRAM
+    stays the same, the frames stay FRAME_EXTENSION_MARGIN under the prompt phase, and the
+    frames stream fewer layers through a ring at least as deep."""
+    config = load_size_config(size)
+    work = Workload((120_000, 120_000), 60, 152)
+    options = dict(stream_dtype=stream_dtype, workload=work, link_gbps=55.0, embed_on_host=True)
+    extended = plan_auto(config, budget_gb * GB, **options)
+    plain = plan_auto(config, budget_gb * GB, frame_extension=False, **options)
+    assert (extended.frame_layers, extended.frame_slots) != (0, 0)
+    assert dataclasses.replace(extended, frame_layers=0, frame_slots=0) == plain
+    est, est_plain = _estimate(config, extended, work), _estimate(config, plain, work)
+    assert est.total_vram == est_plain.total_vram <= budget_gb * GB
+    assert 0 < est.frame_extension <= est.prefill_phase - est_plain.frame_phase - planner.FRAME_EXTENSION_MARGIN
+    assert est.frame_phase <= est.prefill_phase - planner.FRAME_EXTENSION_MARGIN
+    sizes = model_sizes(config)
+    frames = extended.in_frames()
+    assert est.frame_extension == sum(sizes.layers[plain.resident_layers:frames.resident_layers]) + (
+        planner.ring_bytes(sizes, frames, 28) - planner.ring_bytes(sizes, plain, 28)
+    )
+    assert planner.bound_ms_per_frame(config, extended, 55.0) == planner.bound_ms_per_frame(config, frames, 55.0)
+    assert predict_ms_per_frame(config, extended, 55.0) < (1 - planner.AUTO_DEPTH_GAIN) * predict_ms_per_frame(config, plain, 55.0)
+
+
+def test_no_frame_extension_without_room(large):
+    """All layers resident: nothing to extend; no prompt (no voices, one frame): the frames need as much as the prompt."""
+    assert plan_auto(large, 30 * GB, workload=WORK, link_gbps=55.0) == OffloadPlan(28, "bf16")
+    tight = Workload((), 60, 1)
+    plan = plan_auto(large, 8 * GB, workload=tight, link_gbps=55.0)
+    assert (plan.frame_layers, plan.frame_slots) == (0, 0)
+    assert plan == plan_auto(large, 8 * GB, workload=tight, link_gbps=55.0, frame_extension=False)
 
 
 def test_auto_values_are_plausible(large, small):
@@ -543,7 +578,9 @@ def test_table_lists_every_mode_and_marks_what_does_not_fit(large):
     rows = plan_table(large, 10 * GB, "bf16", link_gbps=25.0, workload=WORK)
     assert [r.mode for r in rows] == ["auto", *PRESETS]
     by_mode = {r.mode: r for r in rows}
-    assert by_mode["auto"].note == "" and by_mode["auto"].vram_bytes <= 10 * GB
+    auto = plan_auto(large, 10 * GB, link_gbps=25.0, workload=WORK).in_frames()
+    assert by_mode["auto"].note == f"frames: {auto.resident_layers} resident, depth {auto.prefetch_depth}"
+    assert by_mode["auto"].vram_bytes <= 10 * GB
     light_need = _estimate(large, OffloadPlan(21, "bf16")).total_vram
     assert by_mode["light"].note == f"does not fit (needs {light_need / 1e9:.2f} GB)"
     text = format_table(rows)

@@ -112,6 +112,28 @@ def test_estimate_is_what_the_engine_allocates(folders, case):
         engine.close()
 
 
+@pytest.mark.parametrize("plan", [
+    OffloadPlan(1, "bf16", 2, frame_layers=2, frame_slots=1), OffloadPlan(0, "fp8", 2, frame_layers=1, frame_slots=2),
+    OffloadPlan(2, "bf16", 2, frame_layers=4), OffloadPlan(0, "fp8", 3, frame_layers=5),
+], ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}+{p.frame_layers}+{p.frame_slots}")
+def test_frame_extension_is_what_the_engine_adds_for_the_frames(folders, plan):
+    """`Estimate.frame_extension` is exactly what `begin_frames` adds to the engine's device
+    bytes (the last two plans make every layer resident for the frames: the ring goes)."""
+    cp = load_checkpoint(folders["mid"], "bf16")
+    est = _estimate(cp, plan)
+    engine = OffloadEngine(cp.model, plan, device="cpu")
+    engine.load()
+    try:
+        assert engine.resident_bytes == est.weights
+        engine.begin_frames()
+        assert engine.resident_bytes == est.weights + est.frame_extension
+        assert engine.slot_bytes == planner.ring_bytes(planner.model_sizes(cp.config, cp.dtype), plan.in_frames(), 6)
+        engine.end_run()
+        assert engine.resident_bytes == est.weights
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
 def test_estimate_follows_residency_changes(folders, stream_dtype):
     """ComfyUI's load and unload change residency on a loaded engine: the device side then

@@ -452,6 +452,12 @@ class Estimate:
     conv stack's peak on one frame (hop samples); and the streaming conv caches of the
     acoustic decoder and semantic encoder (batch 1). The KV cache is allocated at its final
     length, so growing it copies nothing."""
+    frame_extension: int
+    """What the engine adds on the GPU for the frames only (`OffloadPlan.frame_layers` more
+    resident layers and `frame_slots` more ring slots: `plan.in_frames()`'s weights and
+    ring less the plan's), from `begin_frames` after the prompt pass to the run's end. The
+    planner sizes it to fit the VRAM the voice encoding and the prompt pass needed
+    (`with_frame_extension`); it is part of the frame phase only."""
     lm_head_rows: int
     """The 4 rows of lm_head the frame loop copies to the GPU for each run (4 x hidden x
     dtype bytes): the frame loop's, not the engine's, so not in `resident_weights`."""
@@ -480,7 +486,10 @@ class Estimate:
 
     @property
     def frame_phase(self) -> int:
-        return self.resident_weights + self.slots + self.lm_head_rows + self.kv_cache + self.diffusion_and_tokenizer_workspace
+        return (
+            self.resident_weights + self.slots + self.frame_extension + self.lm_head_rows + self.kv_cache
+            + self.diffusion_and_tokenizer_workspace
+        )
 
     @property
     def weights(self) -> int:
@@ -497,6 +506,15 @@ def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     native = max(sizes.layers[i] for i in streamed)
     staged = max(sizes.layers_fp8[i] for i in streamed) if plan.fp8 else None
     return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)))
+
+
+def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
+    """`Estimate.frame_extension`: the frame-only resident layers plus the ring's growth."""
+    frames = plan.in_frames()
+    return (
+        sum(sizes.layers[plan.resident_layers:frames.resident_layers])
+        + ring_bytes(sizes, frames, num_layers) - ring_bytes(sizes, plan, num_layers)
+    )
 
 
 def kv_cache_bytes(config: VibeVoiceConfig, positions: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -558,8 +576,10 @@ def estimate(
         + (census.conv_cache_elements["acoustic_decoder"] + census.conv_cache_elements["semantic_encoder"]) * itemsize
     )
 
+    extension = _frame_extension_bytes(sizes, plan, num_layers)
+
     base = resident + slots + sizes.lm_head_slice + kv
-    peak = base + max(prefill, encoder_peak, workspace)
+    peak = base + max(prefill, encoder_peak, workspace + extension)
     slack = math.ceil(peak * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_FIXED
 
     host_slabs = sum(sizes.layers[:r]) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
@@ -571,6 +591,7 @@ def estimate(
         prefill_activations=prefill,
         acoustic_encoder_peak=encoder_peak,
         diffusion_and_tokenizer_workspace=workspace,
+        frame_extension=extension,
         lm_head_rows=sizes.lm_head_slice,
         allocator_slack=slack,
         total_vram=peak + slack,
@@ -741,6 +762,7 @@ def plan_auto(
     link_gbps: float | None = None,
     resident_ms: float | None = None,
     decoder_ms: float | None = None,
+    frame_extension: bool = True,
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
@@ -755,15 +777,27 @@ def plan_auto(
     budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
     `link_bandwidth_gbps()`, `resident_ms` and `decoder_ms` to the model size's
     `ResidentFrame`.
+
+    Either way, unless `frame_extension` is False, the chosen plan gets the frame extension
+    (`with_frame_extension`): the VRAM only the prompt phase needs holds more resident
+    layers and slots during the frames.
     """
     n = config.text_config.num_hidden_layers
     first = OffloadPlan(0, stream_dtype, 2 if prefetch_depth is None else prefetch_depth, pinned, embed_on_host)
     plan, need = _most_resident(config, budget_bytes, first, dtype, workload)
     if need > budget_bytes:
         raise _refusal(config, plan, need, budget_bytes, dtype, workload, "streaming every decoder layer")
-    if prefetch_depth is not None or plan.resident_layers == n:
+    if plan.resident_layers == n:
         return plan
     link = link_bandwidth_gbps() if link_gbps is None else link_gbps
+
+    def extended(chosen: OffloadPlan) -> OffloadPlan:
+        if not frame_extension:
+            return chosen
+        return with_frame_extension(config, chosen, dtype, workload, link, resident_ms, decoder_ms)
+
+    if prefetch_depth is not None:
+        return extended(plan)
     best, best_ms = plan, predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
     for depth in range(3, n + 1):
         candidate, need = _most_resident(config, budget_bytes, dataclasses.replace(first, prefetch_depth=depth), dtype, workload)
@@ -774,6 +808,60 @@ def plan_auto(
         ms = predict_ms_per_frame(config, candidate, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         if ms < best_ms * (1 - AUTO_DEPTH_GAIN):
             best, best_ms = candidate, ms
+    return extended(best)
+
+
+FRAME_EXTENSION_MARGIN = 96 * MiB
+"""Of the VRAM the prompt phase needs beyond the frames', what the frame extension leaves
+unused: once the extension fills the rest the frames are the peak phase, and their CUDA
+graph pools and allocator rounding are not otherwise counted."""
+
+
+def with_frame_extension(
+    config: VibeVoiceConfig,
+    plan: OffloadPlan,
+    dtype: torch.dtype,
+    workload: Workload,
+    link_gbps: float,
+    resident_ms: float | None = None,
+    decoder_ms: float | None = None,
+) -> OffloadPlan:
+    """`plan` with the frame extension `predict_ms_per_frame` rates fastest.
+
+    Voice encoding and the prompt pass need VRAM that the frames do not (for the released
+    sizes about 0.9 GB, most of it the acoustic encoder), so the budget that fits the
+    prompt leaves it idle while frames are generated. The extension spends it there: for
+    each number of frame-only resident layers, the deepest ring that still fits, keeping
+    the frame phase FRAME_EXTENSION_MARGIN below the prompt phase (the run's peak, and so
+    the plan's VRAM, does not change). A bigger extension must be predicted more than
+    AUTO_DEPTH_GAIN faster than a smaller one."""
+    n = config.text_config.num_hidden_layers
+    base = dataclasses.replace(plan, frame_layers=0, frame_slots=0)
+    if base.resident_layers == n:
+        return base
+    est = estimate_for_workload(config, base, dtype, workload)
+    room = est.prefill_phase - est.frame_phase - FRAME_EXTENSION_MARGIN
+    sizes = model_sizes(config, dtype)
+
+    def predict(candidate: OffloadPlan) -> float:
+        return predict_ms_per_frame(config, candidate, link_gbps, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
+
+    best, best_ms = base, predict(base)
+    for layers in range(n - base.resident_layers + 1):
+        fits = None
+        streamed = n - base.resident_layers - layers
+        for slots in range(max(streamed - base.prefetch_depth, 0) + 1):
+            candidate = dataclasses.replace(base, frame_layers=layers, frame_slots=slots)
+            if _frame_extension_bytes(sizes, candidate, n) > room:
+                break
+            fits = candidate
+        if fits is None:
+            break  # these layers alone no longer fit: nor do more
+        if fits == base:
+            continue
+        ms = predict(fits)
+        if ms < best_ms * (1 - AUTO_DEPTH_GAIN):
+            best, best_ms = fits, ms
     return best
 
 
@@ -1004,9 +1092,11 @@ def bound_ms_per_frame(
     *,
     dtype: torch.dtype = torch.bfloat16,
 ) -> float:
-    """PERFORMANCE.md's lower bound max(m x streamed link bytes / B, T_resident), in ms."""
+    """PERFORMANCE.md's lower bound max(m x streamed link bytes / B, T_resident), in ms, for
+    the layers streamed during the frames (`plan.in_frames()`)."""
     if link_gbps <= 0:
         raise ValueError(f"link_gbps must be positive, got {link_gbps}")
+    plan = plan.in_frames()
     sizes = model_sizes(config, dtype)
     n = config.text_config.num_hidden_layers
     link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
@@ -1026,7 +1116,9 @@ def predict_ms_per_frame(
     (`resident_ms`, default per model size) split into the decoder pass (`decoder_ms`;
     default: the size's measured share of T_resident, `ResidentFrame`) and the rest, copies
     of each streamed layer's link bytes at `link_gbps`, and for fp8 the dequantisation
-    (FP8_DEQUANT_MS_PER_GB of the model-dtype layer). Never below `bound_ms_per_frame`."""
+    (FP8_DEQUANT_MS_PER_GB of the model-dtype layer). Never below `bound_ms_per_frame`.
+    The frames run under `plan.in_frames()`."""
+    plan = plan.in_frames()
     bound = bound_ms_per_frame(config, plan, link_gbps, resident_ms, dtype=dtype)  # rejects a link_gbps <= 0
     frame = resident_frame(config)
     t_resident = frame.ms if resident_ms is None else resident_ms
@@ -1150,6 +1242,11 @@ def plan_table(
         est = estimate_for_workload(config, plan, dtype, workload)
         ms = predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         fits = est.total_vram <= budget_bytes
+        frames = plan.in_frames()
+        extended = f"frames: {frames.resident_layers} resident, depth {min(frames.prefetch_depth, n - frames.resident_layers)}"
+        notes = [extended] if frames != plan else []
+        if not fits:
+            notes.append(f"does not fit (needs {_gb(est.total_vram)} GB)")
         return PlanRow(
             mode=mode,
             resident_layers=plan.resident_layers,
@@ -1158,7 +1255,7 @@ def plan_table(
             host_ram_bytes=est.host_ram,
             ms_per_frame=ms,
             rtf=real_time_factor(config, ms),
-            note="" if fits else f"does not fit (needs {_gb(est.total_vram)} GB)",
+            note="; ".join(notes),
             prefetch_depth=min(plan.prefetch_depth, n - plan.resident_layers),
         )
 
