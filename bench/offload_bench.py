@@ -216,6 +216,7 @@ class Bench:
             self.link = measure_h2d_gbps()
         else:
             self.link = PCIE_DEFAULTS[DEFAULT_PCIE_GEN]  # no link to measure: the planner's default
+        self.first_link = self.link  # the JSON's top-level figure; each row keeps its own call's probe
         gc.collect()
         self.base_rss = rss_bytes()
         log(f"card {self.card}; pinned H2D {self.link:.1f} GB/s{'' if self.cuda else ' (PCIe default)'}; torch {torch.__version__}")
@@ -230,14 +231,15 @@ class Bench:
             raise SystemExit(f"--resume {path}: measured on {doc['card']}, this is {self.card}")
         self.extra = doc.get("extra", {})
         self.extra.setdefault("link_gbps_resumed_runs", []).append(self.link)
-        self.link = doc["link_gbps_measured"]
+        self.first_link = doc["link_gbps_measured"]
         self.rows, self.t_resident, self.decoder_ms = doc["rows"], doc["t_resident_ms"], doc.get("decoder_pass_ms", {})
         self.date = doc["date"]
         self.json_path = self.out / path.name
-        log(f"resuming {path}: {len(self.rows)} rows; link {self.link:.1f} GB/s and T_resident {self.t_resident} from it")
+        log(f"resuming {path}: {len(self.rows)} rows and T_resident {self.t_resident} from it; this call's link "
+            f"{self.link:.1f} GB/s bounds this call's rows")
 
     def write(self) -> None:
-        doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.link, "torch": torch.__version__,
+        doc = {"card": self.card, "date": self.date, "link_gbps_measured": self.first_link, "torch": torch.__version__,
                "cuda_graphs": self.args.graphs, "frame_extension": self.args.frame_extension,
                "frames": self.args.frames, "peer_frames": self.args.peer_frames, "slow_frames": self.args.slow_frames,
                "t_resident_ms": self.t_resident, "decoder_pass_ms": self.decoder_ms, "extra": self.extra, "rows": self.rows}
@@ -280,6 +282,7 @@ class Bench:
         ms = row.get("ms_per_frame")
         row["rtf"] = ms / FRAME_MS if ms else None
         t_res = self.t_resident.get(model_name)
+        row["link_probe_gbps"] = self.link  # B of this row's bound: the probe of the call that ran it
         transfer_ms = m * k * layer_bytes / (self.link * GB) * 1000
         row["transfer_ms"] = transfer_ms
         row["bound_ms"] = max(transfer_ms, t_res or 0.0)
@@ -412,6 +415,7 @@ class Bench:
             res["resident_layers"] = plan.resident_layers
             res["prefetch_depth"] = plan.prefetch_depth
             # the frames' residency and ring (the frame extension; the bound's k is the frames')
+            res["frame_layers"], res["frame_slots"] = plan.frame_layers, plan.frame_slots
             res["frame_resident_layers"] = plan.in_frames().resident_layers
             res["frame_prefetch_depth"] = min(plan.in_frames().prefetch_depth, engine.num_layers - plan.in_frames().resident_layers)
             res["predicted_ms"] = predicted
@@ -621,7 +625,8 @@ def plot(json_path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("VRAM budget (GB); rightmost = full")
         ax.set_ylabel("ms per frame (median)")
-        ax.set_title(f"VibeVoice-{model} on {doc['card']}, pinned H2D {doc['link_gbps_measured']:.1f} GB/s")
+        link = mrows[0].get("link_probe_gbps", doc["link_gbps_measured"])
+        ax.set_title(f"VibeVoice-{model} on {doc['card']}, pinned H2D {link:.1f} GB/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
