@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Host RAM of the engine's packing at a released model's real shapes, on the CPU.
+"""Host RAM of the engine at a released model's real shapes, stage by stage.
 
-    python bench/host_ram.py [1.5B|Large] [--resident 7] [--stream-dtype bf16|fp8]
+    python bench/host_ram.py [1.5B|Large] [--resident 7] [--stream-dtype bf16|fp8] [--device cpu|cuda]
 
-Builds the model with random weights in host memory, packs it with an `OffloadEngine` on
-the CPU (its slabs are what a GPU engine pins), and records the process's anonymous RSS
+Builds the model with random weights in host memory, packs it with an `OffloadEngine` (on
+the CPU its slabs are what a GPU engine pins), and records the process's anonymous RSS
 (what it allocated; the mapped libraries' pages excluded) over the model's bytes: after
 building, after packing while glibc still holds the replaced tensors' pages, and after
-`host_slabs.return_freed_memory()` hands them back, as the engine now does. Writes
-<out>/cpu-<yyyymmdd>-host-ram-<size>.json.
+`host_slabs.return_freed_memory()` hands them back, as the engine does. With `--device
+cuda` (CUDA initialised and its libraries warmed before the baseline) also the peak while
+30 frames are generated and the level after, after `close()`, and after the model is
+dropped: what of the excess is the model's and what the CUDA runtime's. Writes
+<out>/<cpu|card>-<yyyymmdd>-host-ram-<size>.json.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from offload_bench import rss_bytes  # noqa: E402
+from offload_bench import RssPeak, rss_bytes  # noqa: E402
 
-from vibevoice_offload.bench_case import build_random_model  # noqa: E402
+from vibevoice_offload.bench_case import bench_prompt, build_random_model, result_stem, warm_libraries  # noqa: E402
+from vibevoice_offload.frame_loop import FrameLoop, GenerationSettings  # noqa: E402
 from vibevoice_offload.offload import OffloadEngine, host_slabs  # noqa: E402
 from vibevoice_offload.offload import engine as engine_module  # noqa: E402
 from vibevoice_offload.plan import OffloadPlan  # noqa: E402
@@ -39,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("size", nargs="?", default="1.5B", choices=["1.5B", "Large"])
     parser.add_argument("--resident", type=int, default=7, help="decoder layers kept resident (the rest get stream-format slabs)")
     parser.add_argument("--stream-dtype", default="bf16", choices=["bf16", "fp8"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
 
+    cuda = args.device == "cuda"
+    if cuda:
+        warm_libraries()
     base = rss_bytes(anonymous=True)
-    model = build_random_model(load_size_config(args.size), draw_on="cpu")
+    config = load_size_config(args.size)
+    model = build_random_model(config, draw_on=args.device)
     model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
     gc.collect()
     built = rss_bytes(anonymous=True)
-    engine = OffloadEngine(model, OffloadPlan(args.resident, args.stream_dtype), "cpu")
+    engine = OffloadEngine(model, OffloadPlan(args.resident, args.stream_dtype), args.device)
     with mock.patch.object(engine_module, "return_freed_memory", lambda: None):  # the engine before this fix
         engine.load()
     gc.collect()
@@ -61,11 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         "anonymous_vs_model_packed_pages_held": (packed - base) / model_bytes,
         "anonymous_vs_model_packed_pages_returned": (handed_back - base) / model_bytes,
     }
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
-    out = Path(args.out) / f"cpu-{time.strftime('%Y%m%d')}-host-ram-{args.size}.json"
-    out.write_text(json.dumps({"device": "cpu", "note": __doc__.strip().splitlines()[0], "rows": [row]}, indent=1))
-    print("wrote", out)
+    if cuda:
+        with RssPeak() as peak:
+            FrameLoop(model, engine).run(bench_prompt(config), GenerationSettings(max_frames=30))
+        gc.collect()
+        row["anonymous_vs_model_generating_peak"] = (peak.peak_anonymous - base) / model_bytes
+        row["anonymous_vs_model_after_generating"] = (rss_bytes(anonymous=True) - base) / model_bytes
     engine.close()
+    gc.collect()
+    row["anonymous_vs_model_closed"] = (rss_bytes(anonymous=True) - base) / model_bytes
+    del engine, model
+    gc.collect()
+    host_slabs.return_freed_memory()
+    row["anonymous_gb_over_base_model_dropped"] = (rss_bytes(anonymous=True) - base) / 1e9
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    stem = result_stem(torch.cuda.get_device_name()) if cuda else f"cpu-{time.strftime('%Y%m%d')}"
+    out = Path(args.out) / f"{stem}-host-ram-{args.size}.json"
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    out.write_text(json.dumps({"device": device, "note": __doc__.strip().splitlines()[0], "rows": [row]}, indent=1))
+    print("wrote", out)
     return 0
 
 
