@@ -335,6 +335,28 @@ def assert_counters_true(patcher):
     assert patcher.loaded_size() == patcher.model.model_loaded_weight_memory == engine_bytes
 
 
+def test_auto_spends_the_prompts_vram_on_the_frames_and_presets_do_not(pack, model_dirs, monkeypatch):
+    """On a GPU, `auto` gives the engine the planner's frame extension for the run's workload
+    (here long voice clips, whose encoding needs far more than the tiny model's layers);
+    manual and preset settings run exactly the layers they name."""
+    import torch
+
+    planner = importlib.import_module(f"{PACK}.vibevoice_offload.planner")
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"))
+    patcher._place(2)
+    monkeypatch.setattr(type(patcher), "engine_device", property(lambda self: torch.device("cuda", 0)))
+    cp = patcher.vibevoice.checkpoint
+    work = planner.Workload((24_000 * 600, 24_000 * 600), 60, 8)
+    expected = planner.with_frame_extension(cp.config, patcher.engine.plan, cp.dtype, work, planner.link_bandwidth_gbps())
+    assert expected.frame_layers + expected.frame_slots > 0
+    patcher._plan_frame_extension(settings(pack), work)
+    assert (patcher.engine.plan.frame_layers, patcher.engine.plan.frame_slots) == (expected.frame_layers, expected.frame_slots)
+    for other in (settings(pack, mode="manual", resident_layers=2), settings(pack, mode="preset", preset="extreme")):
+        patcher._plan_frame_extension(other, work)
+        assert (patcher.engine.plan.frame_layers, patcher.engine.plan.frame_slots) == (0, 0)
+    patcher._close_engine()
+
+
 def test_patcher_counters_equal_the_engines_resident_bytes(pack, model_dirs):
     import torch
 
