@@ -17,6 +17,12 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
   tokenizers of frame t run (and the resident layers 0..R-1 of frame t+1), the first
   streamed layers of frame t+1 are already crossing the link.
 
+The frame extension: between the prompt pass and the first frame (`begin_frames`) the
+engine makes `plan.frame_layers` more layers resident and rebuilds the ring
+`plan.frame_slots` deeper, in the VRAM that encoding the voice prompts needed; the run's
+end (`end_run`) restores the plan's residency and ring. Once per run, never inside the
+frame loop.
+
 On a CPU device there are no streams: copies and dequantisation are synchronous, the
 bookkeeping is the same (CPU tests, and ComfyUI's --cpu mode).
 """
@@ -122,6 +128,7 @@ class OffloadEngine:
     """Executes an `OffloadPlan` for one model on one device (implements `executor.Executor`).
 
     Lifecycle: `load()` (idempotent) packs host slabs once and places the resident parts;
+    per run `begin_run()`, `begin_frames()` and `end_run()` (called by the frame loop);
     `unload()` frees every device buffer, stream and event (slabs are kept for a fast
     reload); `close()` also frees the slabs and gives the model ordinary host tensors back;
     `set_resident_layers(n)` changes residency between runs.
@@ -572,10 +579,11 @@ class OffloadEngine:
             self._harvest(block=True)
         self._stats_consumed = True
         streamed = len(self._streamed) if self._loaded else self.num_layers - self.plan.resident_layers
+        frames = self.plan.in_frames()
         out: dict[str, Any] = {
             "offload_resident_layers": self.plan.resident_layers,
-            "offload_frame_resident_layers": self.plan.in_frames().resident_layers,
-            "offload_frame_prefetch_depth": self.plan.in_frames().prefetch_depth,
+            "offload_frame_resident_layers": frames.resident_layers,
+            "offload_frame_prefetch_depth": min(frames.prefetch_depth, self.num_layers - frames.resident_layers),
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
             "offload_pinned": all(h is not None and h.pinned for h in self._host[self.plan.resident_layers:]),
