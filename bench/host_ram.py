@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resident", type=int, default=7, help="decoder layers kept resident (the rest get stream-format slabs)")
     parser.add_argument("--stream-dtype", default="bf16", choices=["bf16", "fp8"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-cudnn", action="store_true", help="diagnosis: torch.backends.cudnn disabled (convolutions run torch's own kernels)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
+    torch.backends.cudnn.enabled = not args.no_cudnn
 
     cuda = args.device == "cuda"
     if cuda:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     host_slabs.return_freed_memory()
     handed_back = rss_bytes(anonymous=True)
     row = {
-        "model": args.size, "resident_layers": args.resident, "stream_dtype": args.stream_dtype,
+        "model": args.size, "cudnn": torch.backends.cudnn.enabled, "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING", "default"), "resident_layers": args.resident, "stream_dtype": args.stream_dtype,
         "model_gb": model_bytes / 1e9, "host_slabs_gb": engine.host_bytes / 1e9,
         "anonymous_vs_model_built": (built - base) / model_bytes,
         "anonymous_vs_model_packed_pages_held": (packed - base) / model_bytes,
