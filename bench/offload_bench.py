@@ -31,7 +31,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -402,8 +401,6 @@ class Bench:
         row["vs_bound"] = 1.0
 
     def _ours_case(self, model, engine, plan, prompt, predicted):
-        from vibevoice_offload.frame_loop import FrameLoop
-
         def run():
             engine.load()
             res = timed_frames(self.our_loop(model, engine), prompt, self.args.frames)
@@ -416,8 +413,8 @@ class Bench:
             res["prefetch_depth"] = plan.prefetch_depth
             # the frames' residency and ring (the frame extension; the bound's k is the frames')
             res["frame_layers"], res["frame_slots"] = plan.frame_layers, plan.frame_slots
-            res["frame_resident_layers"] = plan.in_frames().resident_layers
-            res["frame_prefetch_depth"] = min(plan.in_frames().prefetch_depth, engine.num_layers - plan.in_frames().resident_layers)
+            res["frame_resident_layers"] = stats["offload_frame_resident_layers"]
+            res["frame_prefetch_depth"] = stats["offload_frame_prefetch_depth"]
             res["predicted_ms"] = predicted
             res["resident_bytes_gb"] = stats["offload_resident_bytes"] / GB
             res["host_slab_gb"] = stats["offload_host_bytes"] / GB

@@ -7,8 +7,9 @@ dequantisation (offload/gpu_slots.py) are captured once and replayed.
 
 A pool's graphs replay one after another, in stream order, so their temporaries may share
 memory; what a graph returns must therefore be copied out of the pool before another graph
-of the pool replays (the speech graph writes its outputs into buffers of its own). Releasing the pool hands exactly its blocks back to the driver: graphs captured
-into throwaway private pools would leave each finished run's pool reserved until someone
+of the pool replays (the speech graph writes its outputs into buffers of its own).
+Releasing the pool hands exactly its blocks back to the driver: graphs captured into
+throwaway private pools would leave each finished run's pool reserved until someone
 empties the whole cache.
 """
 

@@ -1037,10 +1037,10 @@ def simulate_frame_ms(
     (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
     (`dequant_ms` each) run in order on their own stream, alongside compute, into one of
     COMPUTE_BUFFERS compute buffers: dequantisation j starts when copy j is done and layer
-    j - COMPUTE_BUFFERS has left its buffer. A streamed layer starts when the compute stream is free and its copy (fp8:
-    its dequantisation) is done, and takes `layer_ms`. So a ring of S
-    slots can only get S layers ahead while the diffusion head and tokenizers run: shallow
-    rings leave the link idle there.
+    j - COMPUTE_BUFFERS has left its buffer. A streamed layer starts when the compute
+    stream is free and its copy (fp8: its dequantisation) is done, and takes `layer_ms`.
+    So a ring of S slots can only get S layers ahead while the diffusion head and
+    tokenizers run: shallow rings leave the link idle there.
     """
     streamed = num_layers - resident
     if streamed <= 0:
