@@ -278,13 +278,11 @@ class OffloadEngine:
         self._arrange(self.plan)
 
     def _arrange(self, target: OffloadPlan) -> None:
-        """Make `target`'s residency and ring depth the engine's, between passes: for the
-        frame extension (once per run, never inside the frame loop) and for
-        `set_resident_layers`. One synchronisation and the moved layers' copies; a layer
-        that becomes streamed is re-packed in the stream format. The allocator's cached
-        blocks go back to the driver before the new buffers are made, so the new buffers
-        take the freed memory's place instead of adding to the process's reserved VRAM
-        (ComfyUI sets no allocator limit that would force this)."""
+        """Make `target`'s residency and ring depth the engine's, between passes (one
+        synchronisation, a few layer copies: once per run, never inside the frame loop).
+        The allocator's cached blocks go back to the driver before the new buffers are
+        made, so the new buffers take the freed memory's place instead of adding to the
+        process's reserved VRAM (ComfyUI sets no allocator limit that would force this)."""
         if not self._loaded or target == self._arranged:
             return
         if self.timing:
@@ -294,7 +292,6 @@ class OffloadEngine:
         old, self._arranged = self._arranged, target
         for i in range(target.resident_layers, old.resident_layers):
             self._make_host(i)
-            self._reformat_host(i, self.stream_layout.format)  # a no-op for the frames' layers: already streamed
         if self.is_cuda:
             torch.cuda.empty_cache()
         for i in range(old.resident_layers, target.resident_layers):
@@ -421,16 +418,30 @@ class OffloadEngine:
         new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
-        if self._loaded and n != old:
-            self._arrange(new_plan)  # moves the layers between host and device, re-packs, rebuilds the ring
-            if self.is_cuda:
-                torch.cuda.synchronize(self._device)
-        else:
-            for i in range(n, old):  # layers n..old-1 become streamed
-                self._reformat_host(i, self.stream_layout.format)
-        self.plan = self._arranged = new_plan
-        if n < old:
+        if n == old:
+            self.plan = self._arranged = new_plan
+            return
+        if not self._loaded:
+            self.plan = self._arranged = new_plan
+            for i in range(min(old, n), max(old, n)):
+                self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
             return_freed_memory()  # re-packed slabs
+            return
+        if self.timing:
+            self._harvest(block=True)
+        self._drop_ring()
+        if n < old:  # layers n..old-1 become streamed
+            for i in range(n, old):
+                self._make_host(i)
+                self._reformat_host(i, self.stream_layout.format)
+            return_freed_memory()  # re-packed slabs
+        self.plan = self._arranged = new_plan
+        for i in range(old, n):  # layers old..n-1 become resident (fp8 slabs dequantise on the device)
+            self._make_resident(i)
+        self._build_ring()
+        if self.is_cuda:
+            torch.cuda.synchronize(self._device)
+            torch.cuda.empty_cache()
 
     def set_frame_extension(self, frame_layers: int, frame_slots: int) -> None:
         """From the next run on, hold `frame_layers` more resident layers and `frame_slots` more
