@@ -10,9 +10,8 @@
 # earlier one wrote, copied into bench/results/ in between):
 #   tests    GPU tests (-m gpu)
 #   verify   GPU tests; then 1.5B, this project, without and with the frame extension (A/B, same machine)
-#   small    GPU tests; 1.5B with only the speech half from CUDA graphs (30 frames, the loop
-#            before the decoder graphs, same machine); then 1.5B, this project and every peer
-#   large    GPU offload tests; 1.5B fp8 rows again; Large, this project (150 frames) and diffusers
+#   small    GPU tests; then 1.5B, this project and every peer
+#   large    Large, this project (150 frames) and diffusers
 #   peers    offload_bench: Large's seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
@@ -43,20 +42,13 @@ case $phase in
     ;;
   small)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    cp test-artifacts/gpu-vram-eviction.json "$OUT/" 2>/dev/null
     grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
-    mkdir -p "$OUT/speech-graph"
-    timeout 90 python3 bench/offload_bench.py --models 1.5B --methods ours --frames 30 --graphs speech \
-      --out "$OUT/speech-graph" 2>&1 | tee "$OUT/speech-graph/ours-1.5B.log"  # at most 8 files come back
-    rm -f "$OUT/speech-graph"/*.png
     timeout 290 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
-  large)  # after `small`: the fp8 1.5B rows again (dequantisation graphs), then Large
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
-    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
-    timeout 60 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --methods ours --dtypes fp8 \
-      2>&1 | tee "$OUT/bench-1.5B-fp8.log"
-    timeout 400 python3 bench/offload_bench.py --resume "$OUT/$(basename "$RUN")" --models Large --methods ours diffusers \
+  large)  # after `small`: Large, this project (150 frames) and diffusers
+    timeout 400 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers \
       --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
     ;;
   peers)  # Large's slow peers and transformers' generate

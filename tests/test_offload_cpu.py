@@ -103,14 +103,18 @@ def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
     engine.close()
 
 
-def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference):
+@pytest.mark.parametrize("compute_buffers", [2, 1])
+def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, compute_buffers):
     """fp8 streaming adds no error beyond the rounding: the same audio as a resident model whose
-    streamed layers' linear weights were quantised and dequantised (row scales, float32)."""
+    streamed layers' linear weights were quantised and dequantised (row scales, float32).
+    With one compute buffer each layer is dequantised into it only once the previous one ran."""
     from vibevoice_offload.fp8 import quantize_fp8
 
     voices, _ = reference
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8", prefetch_depth=3))
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=compute_buffers))
     streamed = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    assert len(engine._ring.computes) == compute_buffers
+    assert engine.slot_bytes == compute_buffers * engine.native.nbytes + 2 * engine.stream_layout.nbytes
     engine.close()
     rounded = VibeVoice.load(tiny_model_dir, dtype="fp32")
     with torch.no_grad():

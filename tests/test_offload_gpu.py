@@ -149,9 +149,10 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
 
 
-def test_no_device_allocation_in_steady_state(mid_dir, voices):
+@pytest.mark.parametrize("compute_buffers", [2, 1])
+def test_no_device_allocation_in_steady_state(mid_dir, voices, compute_buffers):
     vv = load(mid_dir)
-    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8", prefetch_depth=5), "cuda")
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8", prefetch_depth=5, compute_buffers=compute_buffers), "cuda")
     engine.load()
     prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
     keys = ("segment.all.allocated", "num_alloc_retries", "num_device_alloc")
@@ -167,6 +168,19 @@ def test_no_device_allocation_in_steady_state(mid_dir, voices):
     engine.close()
     print("memory stats at frames 6 and 40:", marks)
     assert marks[6] == marks[40]
+
+
+def test_one_compute_buffer_writes_the_same_bits(mid_dir, voices):
+    """fp8 with one compute buffer (each layer dequantised only once the previous one ran:
+    the smallest ring) writes the same bits as with two (dequantised a layer ahead, while
+    the previous one computes), every graph on."""
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=12)
+    runs = {
+        buffers: run_engine(mid_dir, voices, settings, OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=buffers))[0]
+        for buffers in (2, 1)
+    }
+    assert runs[1].stats["decoder_layer_graphs"] > 0 and runs[1].stats["speech_graph"]
+    assert runs[1].waveform.numel() > 0 and torch.equal(runs[1].waveform, runs[2].waveform)
 
 
 def _rss() -> int:
@@ -289,7 +303,10 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
     assert prompt_run.stats["speech_graph"] is True
 
 
-@pytest.mark.parametrize("plan", [OffloadPlan(LAYERS, "bf16"), OffloadPlan(3, "bf16", prefetch_depth=2), OffloadPlan(3, "fp8", prefetch_depth=2)])
+@pytest.mark.parametrize("plan", [
+    OffloadPlan(LAYERS, "bf16"), OffloadPlan(3, "bf16", prefetch_depth=2), OffloadPlan(3, "fp8", prefetch_depth=2),
+    OffloadPlan(3, "fp8", prefetch_depth=2, compute_buffers=1),
+])
 def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     """Whole runs with both halves of each frame (and fp8 dequantisation) replayed from CUDA
     graphs write the same bits as eager runs: resident, and streamed through two slots (5
@@ -308,7 +325,8 @@ def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     dequant_graphs = len(engine._ring._dequant_graphs) if engine._ring is not None else 0
     engine.close()
     # Copies and dequantisations run in one order, so with two staging slots and two compute
-    # buffers slot i always feeds buffer i: two (buffer, slot) pairs, each captured.
+    # buffers slot i always feeds buffer i, and with one both feed it: two (buffer, slot)
+    # pairs, each captured.
     assert dequant_graphs == (2 if plan.fp8 else 0)
     assert runs[True].stats["speech_graph"] and not runs[False].stats["speech_graph"]
     streamed = LAYERS - plan.resident_layers

@@ -236,31 +236,66 @@ def test_more_resident_layers_need_more_vram(size, stream_dtype):
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
 def test_auto_with_a_fixed_depth_picks_the_most_layers_that_fit(large, budget_gb, stream_dtype):
     budget = int(budget_gb * GB)
-    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, prefetch_depth=2)
+    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, prefetch_depth=2, frame_extension=False)
     assert plan.prefetch_depth == 2
     assert _estimate(large, plan).total_vram <= budget
     for more in range(plan.resident_layers + 1, 29):
-        assert _estimate(large, OffloadPlan(more, stream_dtype)).total_vram > budget
+        assert _estimate(large, dataclasses.replace(plan, resident_layers=more)).total_vram > budget
+
+
+def _ring_shapes(config, budget: int, stream_dtype: str) -> list[OffloadPlan]:
+    """Brute force: every ring auto weighs (depth 2..28; fp8 with two compute buffers or
+    one), each with the most resident layers whose estimate fits."""
+    shapes = []
+    for compute_buffers in (2, 1) if stream_dtype == "fp8" else (2,):
+        for depth in range(2, 29):
+            fits = [
+                r for r in range(29)
+                if _estimate(config, OffloadPlan(r, stream_dtype, depth, compute_buffers=compute_buffers)).total_vram <= budget
+            ]
+            if fits:
+                shapes.append(OffloadPlan(max(fits), stream_dtype, depth, compute_buffers=compute_buffers))
+    return shapes
 
 
 @pytest.mark.parametrize("budget_gb", [7, 8, 10, 12, 16, 24])
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("link_gbps", [25.0, 55.0])
-def test_auto_chooses_the_fastest_depth_that_fits(large, budget_gb, stream_dtype, link_gbps):
-    """Every (depth, most resident layers that fit at that depth) is a candidate; auto's plan
-    fits and no candidate is predicted more than AUTO_DEPTH_GAIN faster."""
+def test_auto_chooses_the_fastest_ring_that_fits(large, budget_gb, stream_dtype, link_gbps):
+    """auto's plan is one of the brute-forced ring shapes, fits, and no shape is predicted
+    more than AUTO_DEPTH_GAIN faster; within one compute-buffer count a deeper ring never
+    holds more resident layers, and one compute buffer never fewer than two."""
     budget = int(budget_gb * GB)
-    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps)
+    plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, frame_extension=False)
+    shapes = _ring_shapes(large, budget, stream_dtype)
     assert _estimate(large, plan).total_vram <= budget
+    if plan.resident_layers == 28:
+        assert plan == OffloadPlan(28, stream_dtype)
+        return
+    assert plan in shapes
     ms = predict_ms_per_frame(large, plan, link_gbps)
-    for depth in range(2, 29):
-        try:
-            other = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, prefetch_depth=depth)
-        except PlanError:
-            assert depth > 2  # deeper rings need more VRAM
-            continue
-        assert predict_ms_per_frame(large, other, link_gbps) >= ms * (1 - planner.AUTO_DEPTH_GAIN) - 1e-9, depth
-    assert plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, prefetch_depth=2).resident_layers >= plan.resident_layers
+    for other in shapes:
+        assert predict_ms_per_frame(large, other, link_gbps) >= ms * (1 - planner.AUTO_DEPTH_GAIN) - 1e-9, other
+    by_shape = {(s.compute_buffers, s.prefetch_depth): s.resident_layers for s in shapes}
+    for (buffers, depth), resident in by_shape.items():
+        assert resident <= by_shape[(buffers, 2)]
+        if buffers == 2 and (1, depth) in by_shape:
+            assert by_shape[(1, depth)] >= resident
+
+
+def test_fp8_fits_where_bf16_does(large, small):
+    """With one compute buffer fp8's smallest ring (two half-size staging slots and a layer)
+    is bf16's (two layers) plus the staging slots' row scales (under 0.01%), where two
+    compute buffers cost another layer: auto falls back to it at the smallest budgets."""
+    for config in (large, small):
+        bf16 = _estimate(config, OffloadPlan(0, "bf16")).total_vram
+        fp8 = OffloadPlan(0, "fp8", compute_buffers=1)
+        need = _estimate(config, fp8).total_vram
+        assert bf16 <= need <= bf16 * 1.0001
+        assert _estimate(config, OffloadPlan(0, "fp8")).total_vram - need >= model_sizes(config).layers[0]
+        assert plan_auto(config, need, stream_dtype="fp8", workload=WORK, link_gbps=25.0, frame_extension=False) == fp8
+        with pytest.raises(PlanError, match=f"minimum for this model and audio length is {need / 1e9:.2f} GB"):
+            plan_auto(config, need - 1, stream_dtype="fp8", workload=WORK, link_gbps=25.0)
 
 
 def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, small):
@@ -281,9 +316,10 @@ def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, sma
     assert predict_ms_per_frame(small, deep, 55.0) < predict_ms_per_frame(small, shallow, 55.0)
     shallow, deep = both(large, 12, "bf16")
     assert deep == shallow
-    # fp8's half-size staging slots make depth cheap, and they free at dequantisation
+    # fp8's half-size staging slots make depth cheap, and they free at dequantisation (and
+    # here one compute buffer buys a layer more)
     shallow, deep = both(large, 12, "fp8")
-    assert deep.prefetch_depth > 2 and deep.resident_layers == shallow.resident_layers
+    assert deep.prefetch_depth > 2 and deep.resident_layers >= shallow.resident_layers
     assert predict_ms_per_frame(large, deep, 55.0) < (1 - planner.AUTO_DEPTH_GAIN) * predict_ms_per_frame(large, shallow, 55.0)
     assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.0) == OffloadPlan(28, "bf16")  # all resident: no ring
 
@@ -297,9 +333,9 @@ def test_frame_extension_spends_only_the_prompts_memory(size, budget_gb, stream_
     work = Workload((120_000, 120_000), 60, 152)
     options = dict(stream_dtype=stream_dtype, workload=work, link_gbps=55.0, embed_on_host=True)
     extended = plan_auto(config, budget_gb * GB, **options)
-    plain = plan_auto(config, budget_gb * GB, frame_extension=False, **options)
+    plain = dataclasses.replace(extended, frame_layers=0, frame_slots=0)  # the prompt's plan
     assert (extended.frame_layers, extended.frame_slots) != (0, 0)
-    assert dataclasses.replace(extended, frame_layers=0, frame_slots=0) == plain
+    assert planner.with_frame_extension(config, plain, torch.bfloat16, work, 55.0) == extended
     est, est_plain = _estimate(config, extended, work), _estimate(config, plain, work)
     assert est.total_vram == est_plain.total_vram <= budget_gb * GB
     assert 0 < est.frame_extension <= est.prefill_phase - est_plain.frame_phase - planner.FRAME_EXTENSION_MARGIN
@@ -381,6 +417,8 @@ def test_manual_plans(large):
     (OffloadPlan(3, "bf16", prefetch_depth=1), "prefetch_depth"),
     (OffloadPlan(3, "bf16", pinned="yes"), "pinned"),  # type: ignore[arg-type]
     (OffloadPlan(3, "bf16", embed_on_host=1), "embed_on_host"),  # type: ignore[arg-type]
+    (OffloadPlan(3, "fp8", compute_buffers=3), "compute_buffers"),
+    (OffloadPlan(3, "fp8", compute_buffers=0), "compute_buffers"),
 ])
 def test_validate_names_the_bad_field(plan, field):
     with pytest.raises(ValueError, match=field):

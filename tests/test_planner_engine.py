@@ -63,6 +63,7 @@ def _plans(num_layers: int) -> list[OffloadPlan]:
             for resident in (0, some, num_layers - 1, num_layers):
                 plans.append(OffloadPlan(resident, stream_dtype, depth))
     plans += [OffloadPlan(0, "fp8", 3, embed_on_host=True), OffloadPlan(some, "bf16", 2, pinned=False, embed_on_host=True)]
+    plans += [OffloadPlan(resident, "fp8", 2, compute_buffers=1) for resident in (0, num_layers - 1)]
     return plans
 
 
@@ -88,6 +89,7 @@ def _other_host_bytes(model) -> int:
 def _case_id(case) -> str:
     name, dtype, plan = case
     extra = ("-embed_on_host" if plan.embed_on_host else "") + ("-pageable" if not plan.pinned else "")
+    extra += "-one_compute_buffer" if plan.compute_buffers == 1 else ""
     return f"{name}-{dtype}-r{plan.resident_layers}-{plan.stream_dtype}-d{plan.prefetch_depth}{extra}"
 
 
@@ -178,8 +180,9 @@ def test_the_models_need_slab_padding(folders, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", [OffloadPlan(0, "bf16", 3), OffloadPlan(3, "fp8", 3), OffloadPlan(6, "bf16"), OffloadPlan(2, "fp8", 2, embed_on_host=True)],
-                         ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}")
+@pytest.mark.parametrize("plan", [OffloadPlan(0, "bf16", 3), OffloadPlan(3, "fp8", 3), OffloadPlan(6, "bf16"), OffloadPlan(2, "fp8", 2, embed_on_host=True),
+                                  OffloadPlan(1, "fp8", 3, compute_buffers=1)],
+                         ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}-c{p.compute_buffers}")
 def test_estimate_against_cuda_allocations(folders, plan):
     """On the GPU the engine's count is real memory: memory_allocated() rises by the weight
     estimate plus the caching allocator's rounding: each tensor up to a multiple of 512

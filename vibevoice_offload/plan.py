@@ -50,6 +50,11 @@ class OffloadPlan:
     """Slots added to the ring for the frames only, in that same VRAM: a deeper ring keeps
     the link busy through the part of the frame that has no streamed layer."""
 
+    compute_buffers: int = 2
+    """fp8 streaming only: the model-dtype buffers that staged layers are dequantised into.
+    2: the next layer is dequantised while the current one computes. 1: a layer less of
+    VRAM (fp8 then fits wherever bf16 does), each layer dequantised just before it runs."""
+
     @property
     def fp8(self) -> bool:
         return self.stream_dtype == "fp8"
@@ -86,6 +91,8 @@ class OffloadPlan:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.compute_buffers not in (1, 2) or isinstance(self.compute_buffers, bool):
+            raise ValueError(f"compute_buffers must be 1 or 2, got {self.compute_buffers!r}")
         if self.resident_layers + self.frame_layers > num_layers:
             raise ValueError(
                 f"resident_layers + frame_layers = {self.resident_layers + self.frame_layers} is more than the "

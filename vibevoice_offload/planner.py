@@ -35,7 +35,7 @@ from .errors import VibeVoiceError
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
 from .plan import OffloadPlan, StreamDtype
-from .offload.gpu_slots import COMPUTE_BUFFERS, ring_nbytes
+from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
 MiB = 2**20
@@ -426,8 +426,9 @@ class Estimate:
     S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
     layers to stream): bf16 streaming, S model-dtype slots of one layer each; fp8
     streaming, S fp8 staging slots (the layer's fp8 slab: weights, row scales, biases and
-    norms) plus `gpu_slots.COMPUTE_BUFFERS` (2) model-dtype compute buffers that the layers
-    are dequantised into in turn, on a stream of their own, one layer ahead of compute."""
+    norms) plus the plan's `compute_buffers` (1 or 2) model-dtype compute buffers that the
+    layers are dequantised into in turn, on a stream of their own (with 2, one layer ahead
+    of compute)."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
     branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
@@ -505,7 +506,7 @@ def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
         return 0
     native = max(sizes.layers[i] for i in streamed)
     staged = max(sizes.layers_fp8[i] for i in streamed) if plan.fp8 else None
-    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)))
+    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers)
 
 
 def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
@@ -706,7 +707,8 @@ def estimate_for_workload(config: VibeVoiceConfig, plan: OffloadPlan, dtype: tor
 def _refusal(
     config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
 ) -> PlanError:
-    minimum_plan = OffloadPlan(0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host)
+    # fp8's smallest ring has one compute buffer (what auto falls back to)
+    minimum_plan = OffloadPlan(0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host, compute_buffers=1)
     minimum = estimate_for_workload(config, minimum_plan, dtype, workload).total_vram
     n = config.text_config.num_hidden_layers
     message = (
@@ -766,49 +768,49 @@ def plan_auto(
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
-    With `prefetch_depth` given: the most resident layers that fit with that ring.
+    Auto chooses the ring: for each ring shape, the most resident layers that fit with
+    that ring (its slots' VRAM is in the estimate, so a bigger ring costs resident layers),
+    and of those plans the one `predict_ms_per_frame` rates fastest with its frame
+    extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in that order: depth 2..N (or only
+    `prefetch_depth` if given) with two compute buffers, then for fp8 the same depths with
+    one (a layer less of VRAM: the smallest fp8 ring is then bf16's, and at the smallest
+    budgets it is the only one that fits). A ring of S slots can only get S layers ahead
+    while the diffusion head and tokenizers run (measured on the H200: depth 2 left the
+    copies 66-187 ms per frame behind), so at small budgets a deep ring beats a few more
+    resident layers. `link_gbps` defaults to `link_bandwidth_gbps()`, `resident_ms` and
+    `decoder_ms` to the model size's `ResidentFrame`.
 
-    With `prefetch_depth=None` (the default) auto also chooses the ring depth: for each
-    depth 2..N, the most resident layers that fit with that ring (its slots' VRAM is in the
-    estimate, so a deeper ring costs resident layers), and of those plans the one
-    `predict_ms_per_frame` rates fastest (a deeper ring must win by AUTO_DEPTH_GAIN). A ring
-    of S slots can only get S layers ahead while the diffusion head and tokenizers run
-    (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at small
-    budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
-    `link_bandwidth_gbps()`, `resident_ms` and `decoder_ms` to the model size's
-    `ResidentFrame`.
-
-    Either way, unless `frame_extension` is False, the chosen plan gets the frame extension
+    Unless `frame_extension` is False, each candidate gets its frame extension
     (`with_frame_extension`): the VRAM only the prompt phase needs holds more resident
     layers and slots during the frames.
     """
     n = config.text_config.num_hidden_layers
-    first = OffloadPlan(0, stream_dtype, 2 if prefetch_depth is None else prefetch_depth, pinned, embed_on_host)
-    plan, need = _most_resident(config, budget_bytes, first, dtype, workload)
-    if need > budget_bytes:
-        raise _refusal(config, plan, need, budget_bytes, dtype, workload, "streaming every decoder layer")
-    if plan.resident_layers == n:
-        return plan
-    link = link_bandwidth_gbps() if link_gbps is None else link_gbps
-
-    def extended(chosen: OffloadPlan) -> OffloadPlan:
-        if not frame_extension:
-            return chosen
-        return with_frame_extension(config, chosen, dtype, workload, link, resident_ms, decoder_ms)
-
-    if prefetch_depth is not None:
-        return extended(plan)
-    best, best_ms = plan, predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
-    for depth in range(3, n + 1):
-        candidate, need = _most_resident(config, budget_bytes, dataclasses.replace(first, prefetch_depth=depth), dtype, workload)
-        if need > budget_bytes:
-            break  # a deeper ring only needs more
-        if n - candidate.resident_layers < depth:
-            continue  # fewer layers to stream than slots: the same ring as a shallower depth
-        ms = predict_ms_per_frame(config, candidate, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
-        if ms < best_ms * (1 - AUTO_DEPTH_GAIN):
-            best, best_ms = candidate, ms
-    return extended(best)
+    depths = range(2, n + 1) if prefetch_depth is None else (prefetch_depth,)
+    buffer_counts = (2, 1) if stream_dtype == "fp8" else (2,)
+    link = link_gbps
+    best: OffloadPlan | None = None
+    best_ms = math.inf
+    for compute_buffers in buffer_counts:
+        for depth in depths:
+            shape = OffloadPlan(0, stream_dtype, depth, pinned, embed_on_host, compute_buffers=compute_buffers)
+            candidate, need = _most_resident(config, budget_bytes, shape, dtype, workload)
+            if need > budget_bytes:
+                break  # a deeper ring only needs more
+            if candidate.resident_layers == n:
+                return candidate  # no ring at all
+            if best is not None and n - candidate.resident_layers < depth:
+                continue  # fewer layers to stream than slots: the same ring as a shallower depth
+            link = link_bandwidth_gbps() if link is None else link
+            if frame_extension:
+                candidate = with_frame_extension(config, candidate, dtype, workload, link, resident_ms, decoder_ms)
+            ms = predict_ms_per_frame(config, candidate, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
+            if best is None or ms < best_ms * (1 - AUTO_DEPTH_GAIN):
+                best, best_ms = candidate, ms
+    if best is None:
+        smallest = OffloadPlan(0, stream_dtype, depths[0], pinned, embed_on_host, compute_buffers=buffer_counts[-1])
+        need = estimate_for_workload(config, smallest, dtype, workload).total_vram
+        raise _refusal(config, smallest, need, budget_bytes, dtype, workload, "streaming every decoder layer")
+    return best
 
 
 FRAME_EXTENSION_MARGIN = 96 * MiB
@@ -1024,6 +1026,7 @@ def simulate_frame_ms(
     *,
     staged: bool = False,
     dequant_ms: float = 0.0,
+    compute_buffers: int = 2,
     frames: int = 10,
     warmup: int = 4,
 ) -> float:
@@ -1036,8 +1039,8 @@ def simulate_frame_ms(
     slot is free: bf16, when the layer copied into it by copy j - S has finished; fp8
     (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
     (`dequant_ms` each) run in order on their own stream, alongside compute, into one of
-    COMPUTE_BUFFERS compute buffers: dequantisation j starts when copy j is done and layer
-    j - COMPUTE_BUFFERS has left its buffer. A streamed layer starts when the compute
+    `compute_buffers` compute buffers: dequantisation j starts when copy j is done and layer
+    j - compute_buffers has left its buffer (with one, right after the previous layer ran). A streamed layer starts when the compute
     stream is free and its copy (fp8: its dequantisation) is done, and takes `layer_ms`.
     So a ring of S slots can only get S layers ahead while the diffusion head and
     tokenizers run: shallow rings leave the link idle there.
@@ -1048,7 +1051,7 @@ def simulate_frame_ms(
     depth = min(depth, streamed)
     copy_engine_free = dequant_engine_free = 0.0
     slot_free = [0.0] * depth
-    buffer_free = [0.0] * COMPUTE_BUFFERS  # fp8: when each compute buffer's last layer has run
+    buffer_free = [0.0] * compute_buffers  # fp8: when each compute buffer's last layer has run
     copy_done: list[float] = []
     t = 0.0
     starts = []
@@ -1065,10 +1068,10 @@ def simulate_frame_ms(
                 copy_engine_free = begin + copy_ms
                 copy_done.append(copy_engine_free)
             if staged:
-                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % COMPUTE_BUFFERS]) + dequant_ms
+                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % compute_buffers]) + dequant_ms
                 slot_free[j % depth] = dequant_engine_free
                 t = max(t, dequant_engine_free) + layer_ms
-                buffer_free[j % COMPUTE_BUFFERS] = t
+                buffer_free[j % compute_buffers] = t
             else:
                 t = max(t, copy_done[j]) + layer_ms
                 slot_free[j % depth] = t
@@ -1131,7 +1134,7 @@ def predict_ms_per_frame(
     dequant_ms = FP8_DEQUANT_MS_PER_GB * max(sizes.layers[i] for i in streamed) / GB if plan.fp8 else 0.0
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, (t_resident - decoder_ms) * STREAMING_SLOWS_THE_REST,
-        _copy_ms(link, link_gbps), staged=plan.fp8, dequant_ms=dequant_ms,
+        _copy_ms(link, link_gbps), staged=plan.fp8, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
     )
     return max(simulated, bound)
 

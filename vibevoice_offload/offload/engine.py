@@ -7,9 +7,10 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
   slot's "free" event: recorded on the compute stream after the slot's previous layer ran
   (bf16), or on the dequantisation stream once that layer was dequantised out of it (fp8);
-- fp8: the staged layer is dequantised on a stream of its own into one of two compute
-  buffers, after its copy and after the compute stream is done with that buffer's
-  previous layer; the next streamed layer is dequantised while the current one runs;
+- fp8: the staged layer is dequantised on a stream of its own into one of the plan's
+  `compute_buffers`, after its copy and after the compute stream is done with that
+  buffer's previous layer; with two, the next streamed layer is dequantised while the
+  current one runs;
 - `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (fp8:
   the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
@@ -220,8 +221,9 @@ class OffloadEngine:
                 self._pending_wait.append((e0, e1))
             else:
                 compute.wait_event(ready)
-        if self._ring.staged and len(self._queue) > 1 and self._queue[1].compute is None:
-            # the next layer dequantises into the other buffer while this one computes
+        if self._ring.staged and len(self._ring.computes) > 1 and len(self._queue) > 1 and self._queue[1].compute is None:
+            # The next layer dequantises into the other buffer while this one computes. (With
+            # one buffer it waits for decoder_layer: its "free" event is recorded after this layer.)
             self._dequantise(self._queue[1])
         module = use.compute.module if use.compute is not None else use.slot.module
         module.self_attn.layer_idx = index
@@ -278,11 +280,13 @@ class OffloadEngine:
         self._arrange(self.plan)
 
     def _arrange(self, target: OffloadPlan) -> None:
-        """Make `target`'s residency and ring depth the engine's, between passes (one
-        synchronisation, a few layer copies: once per run, never inside the frame loop).
-        The allocator's cached blocks go back to the driver before the new buffers are
-        made, so the new buffers take the freed memory's place instead of adding to the
-        process's reserved VRAM (ComfyUI sets no allocator limit that would force this)."""
+        """Make `target`'s residency and ring depth the engine's, between passes: for the
+        frame extension (once per run, never inside the frame loop) and for
+        `set_resident_layers`. One synchronisation and the moved layers' copies; a layer
+        that becomes streamed is re-packed in the stream format. The allocator's cached
+        blocks go back to the driver before the new buffers are made, so the new buffers
+        take the freed memory's place instead of adding to the process's reserved VRAM
+        (ComfyUI sets no allocator limit that would force this)."""
         if not self._loaded or target == self._arranged:
             return
         if self.timing:
@@ -292,6 +296,7 @@ class OffloadEngine:
         old, self._arranged = self._arranged, target
         for i in range(target.resident_layers, old.resident_layers):
             self._make_host(i)
+            self._reformat_host(i, self.stream_layout.format)  # a no-op for the frames' layers: already streamed
         if self.is_cuda:
             torch.cuda.empty_cache()
         for i in range(old.resident_layers, target.resident_layers):
@@ -363,7 +368,7 @@ class OffloadEngine:
         if not self._streamed:
             return
         depth = min(self._arranged.prefetch_depth, len(self._streamed))
-        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._device)
+        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._arranged.compute_buffers, self._device)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
             if self._ring.staged:
@@ -418,30 +423,17 @@ class OffloadEngine:
         new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
-        if n == old:
-            self.plan = self._arranged = new_plan
-            return
-        if not self._loaded:
-            self.plan = self._arranged = new_plan
+        if self._loaded and n != old:
+            self._arrange(new_plan)  # moves the layers between host and device, re-packs, rebuilds the ring
+            if self.is_cuda:
+                torch.cuda.synchronize(self._device)
+                torch.cuda.empty_cache()  # fp8 layers made resident leave their staging buffers cached
+        else:
             for i in range(min(old, n), max(old, n)):
                 self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
-            return_freed_memory()  # re-packed slabs
-            return
-        if self.timing:
-            self._harvest(block=True)
-        self._drop_ring()
-        if n < old:  # layers n..old-1 become streamed
-            for i in range(n, old):
-                self._make_host(i)
-                self._reformat_host(i, self.stream_layout.format)
-            return_freed_memory()  # re-packed slabs
         self.plan = self._arranged = new_plan
-        for i in range(old, n):  # layers old..n-1 become resident (fp8 slabs dequantise on the device)
-            self._make_resident(i)
-        self._build_ring()
-        if self.is_cuda:
-            torch.cuda.synchronize(self._device)
-            torch.cuda.empty_cache()
+        if n != old:
+            return_freed_memory()  # re-packed slabs
 
     def set_frame_extension(self, frame_layers: int, frame_slots: int) -> None:
         """From the next run on, hold `frame_layers` more resident layers and `frame_slots` more
@@ -649,7 +641,7 @@ class OffloadEngine:
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
             + resident_layers * self.native.nbytes
-            + ring_nbytes(self.native.nbytes, staged, depth)
+            + ring_nbytes(self.native.nbytes, staged, depth, self.plan.compute_buffers)
         )
 
     @property

@@ -9,9 +9,10 @@ index), call the module.
 
 For fp8 streaming a slot is only an fp8 staging buffer (the layer's fp8 slab bytes): the
 H2D copy lands there, and the weights are dequantised on the GPU (`dequant.py`), on a
-stream of their own, into one of COMPUTE_BUFFERS model-dtype compute buffers. With two
-compute buffers the next layer is dequantised while the current one computes, so the
-dequantisation leaves the compute stream's critical path. A layer's dequantisation is a
+stream of their own, into one of the plan's `compute_buffers` model-dtype compute buffers.
+With two the next layer is dequantised while the current one computes, so the
+dequantisation leaves the compute stream's critical path; one saves a layer of VRAM and
+dequantises each layer just before it runs. A layer's dequantisation is a
 dozen kernels launched from Python; on CUDA each (compute buffer, staging slot) pair's is
 captured as a CUDA graph the second time it is used and replayed after that, one launch a
 layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
@@ -31,10 +32,6 @@ from torch import nn
 from ..cuda_graphs import GraphPool
 from .dequant import DequantOp, dequant_ops, dequantise
 from .host_slabs import FP8, SlabLayout, point_layer
-
-# fp8 streaming: one buffer the current layer computes from, one the next is dequantised into.
-COMPUTE_BUFFERS = 2
-
 
 def make_shell(template: nn.Module) -> nn.Module:
     """A structural copy of `template` whose tensors are on the meta device (no data copied)."""
@@ -77,13 +74,13 @@ class ComputeBuffer:
     free: torch.cuda.Event | None = None  # recorded on the compute stream after the layer in `buffer` ran
 
 
-def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int) -> int:
+def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
-    slots; fp8, `depth` staging slots of `staged_bytes` plus COMPUTE_BUFFERS layer-sized
+    slots; fp8, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
     compute buffers."""
     if depth == 0:
         return 0
-    return depth * native_bytes if staged_bytes is None else COMPUTE_BUFFERS * native_bytes + depth * staged_bytes
+    return depth * native_bytes if staged_bytes is None else compute_buffers * native_bytes + depth * staged_bytes
 
 
 class SlotRing:
@@ -93,19 +90,21 @@ class SlotRing:
     runs straight from the slot it was copied into.
 
     fp8 streaming: each slot is only an fp8 staging buffer (half a layer), and the layers
-    run from COMPUTE_BUFFERS shared compute buffers that the engine dequantises into, in
+    run from `compute_buffers` shared compute buffers that the engine dequantises into, in
     turn. A staging slot is free as soon as its layer is dequantised, so the copy stream
     never waits for compute: the ring runs `depth` layers ahead for half the bytes per slot.
     """
 
-    def __init__(self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, device: torch.device) -> None:
+    def __init__(
+        self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, compute_buffers: int, device: torch.device
+    ) -> None:
         if depth < 1:
             raise ValueError("a slot ring needs at least one slot")
         self.staged = stream.format == FP8
         if self.staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
             self.computes: list[ComputeBuffer] = []
-            for _ in range(COMPUTE_BUFFERS):
+            for _ in range(compute_buffers):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
                 ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in self.slots]
                 self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
