@@ -653,10 +653,12 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     allocated = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
     tolerance = 2 * 2**20
 
-    def close(measured: int, counted: int) -> bool:
-        # The caching allocator hands out whole blocks: up to 1 MiB more than asked per large
-        # tensor (8 MiB on 819 MB for this model, seen on an H200). 2% covers it.
-        return abs(measured - counted) <= tolerance + 0.02 * max(abs(measured), abs(counted))
+    def close(measured: int, counted: int, buffers: int) -> bool:
+        # The caching allocator hands out whole blocks: a buffer over 1 MiB may keep its
+        # block's unsplit remainder (under 1 MiB), or not when it is carved from a bigger
+        # cached block, so each buffer allocated or freed counts up to 1 MiB more or less
+        # than its bytes (seen: 1.04 MB per 55.6 MB layer). 2% covers the small tensors.
+        return abs(measured - counted) <= buffers * 2**20 + 0.02 * max(abs(measured), abs(counted))
     rows: dict = {"device": torch.cuda.get_device_name(device)}
 
     # 8 decoder layers of about 55 MB (bf16): big enough that the numbers mean something
@@ -681,7 +683,7 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     loaded = patcher.loaded_size()
     rows["load"] = {"counter": loaded, "allocated_delta": allocated() - base, "resident_layers": patcher.resident_layers()}
     assert patcher.resident_layers() == 8
-    assert close(allocated() - base, loaded)
+    assert close(allocated() - base, loaded, buffers=8)  # the layers
     layer = patcher.engine.native.nbytes
 
     # 2. a run, then a run cancelled at its third frame: VRAM back to the pre-run level
@@ -723,7 +725,8 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     }
     assert other.loaded_size() == other.model_size()
     assert 0 < patcher.resident_layers() < 8
-    assert close(allocated() - before_other, other.model_size() - given_up)
+    # buffers: the layers given up, the ring's slots, the other model's weight
+    assert close(allocated() - before_other, other.model_size() - given_up, buffers=8 - patcher.resident_layers() + 2 + 1)
     # both fit in what was there: ours + the other <= ours before + the 1.5 layers left free
     assert patcher.loaded_size() + other.model_size() <= loaded + 1.5 * layer
 
@@ -748,5 +751,5 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     torch.cuda.synchronize()
     rows["unload_all"] = {"freed": before_free - allocated(), "counter_before": loaded, "counter_after": patcher.loaded_size()}
     assert patcher.loaded_size() == 0
-    assert close(before_free - allocated(), loaded)
+    assert close(before_free - allocated(), loaded, buffers=8)
     _vram_report("gpu-vram-eviction", rows)

@@ -330,7 +330,10 @@ def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     assert dequant_graphs == (2 if plan.fp8 else 0)
     assert runs[True].stats["speech_graph"] and not runs[False].stats["speech_graph"]
     streamed = LAYERS - plan.resident_layers
-    assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + (streamed if streamed else 0)
+    # a streamed layer runs from the slot or compute buffer its turn gives it: with two it
+    # alternates (5 streamed layers), with one (fp8, one compute buffer) it never changes
+    modules = (plan.compute_buffers if plan.fp8 else plan.prefetch_depth) if streamed else 1
+    assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + streamed * (min(modules, 2) - 1)
     assert runs[False].stats["decoder_layer_graphs"] == 0
     assert torch.equal(runs[True].waveform, runs[False].waveform)
 
