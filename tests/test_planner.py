@@ -436,7 +436,7 @@ def test_speed_bound_matches_performance_md(large):
     # fp8 at 26 streamed layers: about 26 x 4.3 = 110 ms.
     assert planner.bound_ms_per_frame(large, OffloadPlan(2, "fp8"), 54.3) == pytest.approx(26 * 233_268_224 / 54.3e9 * 1000)
     # Nothing streamed: the resident frame time bounds it.
-    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == 21.7
+    assert predict_ms_per_frame(large, OffloadPlan(28, "bf16"), 25.0) == planner.DEFAULT_RESIDENT_MS["Large"] == planner.RESIDENT_FRAME["Large"].ms
     assert planner.bound_ms_per_frame(large, OffloadPlan(27, "bf16"), 25.0, resident_ms=70.0) == 70.0
     assert real_time_factor(large, 133.0) == pytest.approx(133.0 / (1000 * 3200 / 24000))
     for plan in (OffloadPlan(11, "bf16"), OffloadPlan(0, "fp8", 6), OffloadPlan(27, "bf16"), OffloadPlan(20, "fp8", 3)):
@@ -489,7 +489,7 @@ def _h100_config(row, large, small):
 def _h100_plan(row):
     return OffloadPlan(
         row["resident_layers"], row["stream_dtype"], row["prefetch_depth"], True, row["resident_layers"] < 28,
-        row.get("frame_layers", 0), row.get("frame_slots", 0),
+        row.get("frame_layers", 0), row.get("frame_slots", 0), row.get("compute_buffers") or 2,
     )
 
 
@@ -647,7 +647,7 @@ def test_table_command(capsys):
     assert args.vram == 8_500_000_000
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and "T_resident 14.0 ms/frame (measured" in out
+    assert "VibeVoice-1.5B" in out and "budget 8.50 GB" in out and f"T_resident {planner.RESIDENT_FRAME['1.5B'].ms:.1f} ms/frame (measured" in out
     for name in ["auto", *PRESETS]:
         assert name in out
 
