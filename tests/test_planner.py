@@ -472,6 +472,10 @@ def test_ring_simulation():
     # dequantisation slower than compute: the first two layers dequantise during the other part,
     # then two buffers let it run only one layer ahead: 10 + 1 + 1 + (1 + 1) + (1 + 1) ms.
     assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0) == pytest.approx(16.0)
+    # One compute buffer: a layer dequantises only after the previous one ran; only the
+    # first layer's dequantisation overlaps the other part: 10 + 1 + 3 x (2 + 1) ms.
+    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0, compute_buffers=1) == pytest.approx(20.0)
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5, compute_buffers=1) == pytest.approx(1.0 + 3.0 + 3 * 3.5)
 
 
 H100 = Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H100-80GB-HBM3-20261127.json"

@@ -771,21 +771,22 @@ def plan_auto(
     Auto chooses the ring: for each ring shape, the most resident layers that fit with
     that ring (its slots' VRAM is in the estimate, so a bigger ring costs resident layers),
     and of those plans the one `predict_ms_per_frame` rates fastest with its frame
-    extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in that order: depth 2..N (or only
-    `prefetch_depth` if given) with two compute buffers, then for fp8 the same depths with
-    one (a layer less of VRAM: the smallest fp8 ring is then bf16's, and at the smallest
-    budgets it is the only one that fits). A ring of S slots can only get S layers ahead
-    while the diffusion head and tokenizers run (measured on the H200: depth 2 left the
-    copies 66-187 ms per frame behind), so at small budgets a deep ring beats a few more
-    resident layers. `link_gbps` defaults to `link_bandwidth_gbps()`, `resident_ms` and
-    `decoder_ms` to the model size's `ResidentFrame`.
+    extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in
+    that order: depth 2..N (or only `prefetch_depth` if given) with two compute buffers,
+    then for fp8 the same depths with one (a layer less of VRAM: the smallest fp8 ring is
+    then bf16's, and at the smallest budgets it is the only one that fits). A ring of S
+    slots can only get S layers ahead while the diffusion head and tokenizers run
+    (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at
+    small budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
+    `link_bandwidth_gbps()`, `resident_ms` and `decoder_ms` to the model size's
+    `ResidentFrame`.
 
     Unless `frame_extension` is False, each candidate gets its frame extension
     (`with_frame_extension`): the VRAM only the prompt phase needs holds more resident
     layers and slots during the frames.
     """
     n = config.text_config.num_hidden_layers
-    depths = range(2, n + 1) if prefetch_depth is None else (prefetch_depth,)
+    depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
     buffer_counts = (2, 1) if stream_dtype == "fp8" else (2,)
     link = link_gbps
     best: OffloadPlan | None = None
@@ -1040,8 +1041,9 @@ def simulate_frame_ms(
     (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
     (`dequant_ms` each) run in order on their own stream, alongside compute, into one of
     `compute_buffers` compute buffers: dequantisation j starts when copy j is done and layer
-    j - compute_buffers has left its buffer (with one, right after the previous layer ran). A streamed layer starts when the compute
-    stream is free and its copy (fp8: its dequantisation) is done, and takes `layer_ms`.
+    j - compute_buffers has left its buffer (with one, right after the previous layer ran).
+    A streamed layer starts when the compute stream is free and its copy (fp8: its
+    dequantisation) is done, and takes `layer_ms`.
     So a ring of S slots can only get S layers ahead while the diffusion head and
     tokenizers run: shallow rings leave the link idle there.
     """
