@@ -170,7 +170,9 @@ def compute_plan(body: dict) -> dict[str, Any]:
     budget = None if free is None else int(free * (utilisation if mode == "auto" else 1.0))
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
-    auto_kw = dict(kw, link_gbps=link)  # plan_auto rates plans by speed: it must never measure the link from here
+    # plan_auto rates plans by speed: it must never measure the link from here. The node's
+    # engine keeps two fp8 compute buffers (its residency follows ComfyUI's grant).
+    auto_kw = dict(kw, link_gbps=link, compute_buffers=2)
 
     error = None
     if mode == "auto":

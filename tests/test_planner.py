@@ -294,6 +294,8 @@ def test_fp8_fits_where_bf16_does(large, small):
         assert bf16 <= need <= bf16 * 1.0001
         assert _estimate(config, OffloadPlan(0, "fp8")).total_vram - need >= model_sizes(config).layers[0]
         assert plan_auto(config, need, stream_dtype="fp8", workload=WORK, link_gbps=25.0, frame_extension=False) == fp8
+        with pytest.raises(PlanError):  # two compute buffers asked for: they do not fit there
+            plan_auto(config, need, stream_dtype="fp8", workload=WORK, link_gbps=25.0, compute_buffers=2)
         with pytest.raises(PlanError, match=f"minimum for this model and audio length is {need / 1e9:.2f} GB"):
             plan_auto(config, need - 1, stream_dtype="fp8", workload=WORK, link_gbps=25.0)
 

@@ -707,8 +707,9 @@ def estimate_for_workload(config: VibeVoiceConfig, plan: OffloadPlan, dtype: tor
 def _refusal(
     config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
 ) -> PlanError:
-    # fp8's smallest ring has one compute buffer (what auto falls back to)
-    minimum_plan = OffloadPlan(0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host, compute_buffers=1)
+    minimum_plan = OffloadPlan(
+        0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host, compute_buffers=plan.compute_buffers
+    )
     minimum = estimate_for_workload(config, minimum_plan, dtype, workload).total_vram
     n = config.text_config.num_hidden_layers
     message = (
@@ -765,6 +766,7 @@ def plan_auto(
     resident_ms: float | None = None,
     decoder_ms: float | None = None,
     frame_extension: bool = True,
+    compute_buffers: int | None = None,
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
@@ -774,7 +776,8 @@ def plan_auto(
     extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in
     that order: depth 2..N (or only `prefetch_depth` if given) with two compute buffers,
     then for fp8 the same depths with one (a layer less of VRAM: the smallest fp8 ring is
-    then bf16's, and at the smallest budgets it is the only one that fits). A ring of S
+    then bf16's, and at the smallest budgets it is the only one that fits); only
+    `compute_buffers` if given. A ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run
     (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at
     small budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
@@ -787,7 +790,7 @@ def plan_auto(
     """
     n = config.text_config.num_hidden_layers
     depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
-    buffer_counts = (2, 1) if stream_dtype == "fp8" else (2,)
+    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype == "fp8" else (2,)
     link = link_gbps
     best: OffloadPlan | None = None
     best_ms = math.inf
