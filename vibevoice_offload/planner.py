@@ -707,9 +707,7 @@ def estimate_for_workload(config: VibeVoiceConfig, plan: OffloadPlan, dtype: tor
 def _refusal(
     config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
 ) -> PlanError:
-    minimum_plan = OffloadPlan(
-        0, plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host, compute_buffers=plan.compute_buffers
-    )
+    minimum_plan = dataclasses.replace(plan, resident_layers=0, frame_layers=0, frame_slots=0)  # the same ring
     minimum = estimate_for_workload(config, minimum_plan, dtype, workload).total_vram
     n = config.text_config.num_hidden_layers
     message = (
