@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""GPU time to dequantise one streamed fp8 decoder layer, and how it overlaps compute.
+"""GPU time to decode one streamed staged decoder layer (fp8, bf16-packed), and how it
+overlaps compute.
 
     python bench/dequant_kernels.py [--size Large|1.5B] [--out DIR]
 
-One decoder layer at the real shape (random bf16 weights), packed into its fp8 host slab
-as the engine does; the staged slab on the GPU is dequantised into a model-dtype buffer by
-`dequant.dequantise`, with the fused Triton kernel and with torch's kernels (`copy_`, then
-`mul_` by the float32 row scales). Also timed: the layer's decode step at batch 2 (both CFG
-branches, 400 cached positions), and 20 dequantisations on a side stream while the compute
-stream runs 20 decode steps (the engine's fp8 pipeline) against the two back to back.
-Medians of CUDA-event timings after warm-up. Writes <out>/<card>-<yyyymmdd>-dequant-<size>.json.
+One decoder layer at the real shape (random bf16 weights, std 0.02), packed into its host
+slab of each staged format as the engine does; the staged slab on the GPU is decoded into a
+model-dtype buffer by `dequant.dequantise`, with the fused Triton kernels and with torch's
+kernels (fp8: `copy_`, then `mul_` by the float32 row scales; bf16-packed: the reference
+decoder, which allocates). Also timed: the layer's decode step at batch 2 (both CFG
+branches, 400 cached positions), and 20 decodings on a side stream while the compute stream
+runs 20 decode steps (the engine's pipeline) against the two back to back. Medians of
+CUDA-event timings after warm-up. Writes <out>/<card>-<yyyymmdd>-dequant-<size>.json with
+one block of keys per format.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from vibevoice_offload.bench_case import result_stem  # noqa: E402
-from vibevoice_offload.offload.dequant import _fused_kernel, dequant_ops, dequantise  # noqa: E402
-from vibevoice_offload.offload.host_slabs import FP8, NATIVE, SlabLayout, pack_layer  # noqa: E402
+from vibevoice_offload.offload.dequant import _fp8_kernel, _packed_kernel, dequant_ops, dequantise  # noqa: E402
+from vibevoice_offload.offload.host_slabs import FP8, NATIVE, PACKED, SlabLayout, pack_layer, point_layer  # noqa: E402
 from vibevoice_offload.planner import load_size_config  # noqa: E402
 
 
@@ -64,19 +67,14 @@ def main() -> int:
     layer = Qwen2DecoderLayer(text, 0).to("cuda", torch.bfloat16).eval()
     for p in layer.parameters():
         p.data.normal_(0, 0.02)
-    native, fp8 = SlabLayout.build(layer, NATIVE), SlabLayout.build(layer, FP8)
-    host = pack_layer(Qwen2DecoderLayer(text, 0).to(torch.bfloat16), fp8, pinned=True)
-    staging = torch.empty(fp8.nbytes, dtype=torch.uint8, device="cuda")
-    staging[: host.nbytes].copy_(host.slab)
-    out = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")
-    ops = dequant_ops(native, fp8, out, staging)
-
-    rows: dict[str, float] = {"layer_gb": native.nbytes / 1e9, "fp8_slab_gb": fp8.nbytes / 1e9}
-    rows["fused_kernel_available"] = _fused_kernel(out.device) is not None
-    rows["torch_kernels_ms"] = timed(lambda: dequantise(ops, fused_kernel=False))
-    reference = out.clone()
-    rows["fused_kernel_ms"] = timed(lambda: dequantise(ops))
-    rows["fused_matches_torch"] = bool(torch.equal(reference, out))
+    native = SlabLayout.build(layer, NATIVE)
+    weights = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")
+    host_layer = Qwen2DecoderLayer(text, 0).to(torch.bfloat16)
+    host_layer.load_state_dict(layer.state_dict())
+    point_layer(layer, native, weights)  # the step below runs from `weights`, like a compute buffer
+    for name, t in host_layer.state_dict().items():
+        native.by_name()[name].view(weights).copy_(t)
+    rows: dict[str, float] = {"layer_gb": native.nbytes / 1e9}
 
     # a decode step of both CFG branches with 400 cached positions
     rotary = Qwen2RotaryEmbedding(text).to("cuda")
@@ -94,6 +92,24 @@ def main() -> int:
             cache.crop(400)
 
         rows["decode_step_ms"] = timed(step)
+
+    for fmt, kernel in ((FP8, _fp8_kernel), (PACKED, _packed_kernel)):
+        stream = SlabLayout.build(host_layer, fmt)
+        source = Qwen2DecoderLayer(text, 0).to(torch.bfloat16)
+        source.load_state_dict(host_layer.state_dict())
+        host = pack_layer(source, stream, pinned=True)
+        staging = torch.empty(stream.nbytes, dtype=torch.uint8, device="cuda")
+        staging[: host.nbytes].copy_(host.slab)
+        out = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")
+        ops = dequant_ops(native, stream, out, staging)
+        rows[f"{fmt}_slab_gb"] = stream.nbytes / 1e9
+        rows[f"{fmt}_fused_kernel_available"] = kernel(out.device) is not None
+        rows[f"{fmt}_torch_kernels_ms"] = timed(lambda: dequantise(ops, fused_kernel=False))
+        reference = out.clone()
+        rows[f"{fmt}_fused_kernel_ms"] = timed(lambda: dequantise(ops))
+        rows[f"{fmt}_fused_matches_torch"] = bool(torch.equal(reference, out))
+        if fmt == PACKED:
+            rows[f"{fmt}_equals_the_bf16_layer"] = bool(torch.equal(out, weights))
         side = torch.cuda.Stream()
 
         def serial():
@@ -110,8 +126,10 @@ def main() -> int:
                 step()
             torch.cuda.current_stream().wait_stream(side)
 
-        rows["20_dequant_and_step_serial_ms"] = timed(serial, repeats=5)
-        rows["20_dequant_and_step_overlapped_ms"] = timed(overlapped, repeats=5)
+        with torch.no_grad():
+            rows[f"{fmt}_20_decode_and_step_serial_ms"] = timed(serial, repeats=5)
+            rows[f"{fmt}_20_decode_and_step_overlapped_ms"] = timed(overlapped, repeats=5)
+        del host, staging, out
 
     card = torch.cuda.get_device_name()
     doc = {"card": card, "date": datetime.date.today().strftime("%Y%m%d"), "size": args.size, "torch": torch.__version__, **rows}

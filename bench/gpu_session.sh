@@ -8,9 +8,9 @@
 #
 # Phases (the offload benchmark is split over calls; each later one resumes the JSON the
 # earlier one wrote, copied into bench/results/ in between):
-#   tests    GPU tests (-m gpu)
+#   tests    GPU tests (-m gpu); the staged formats' decoding kernels (bench/dequant_kernels.py)
 #   verify   GPU tests; then 1.5B, this project, without and with the frame extension (A/B, same machine)
-#   small    GPU tests; then 1.5B, this project and every peer
+#   small    GPU tests and the Large decoding kernels; if the tests pass, 1.5B, this project and every peer
 #   large    Large, this project (150 frames) and diffusers
 #   peers    offload_bench: Large's seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
@@ -26,8 +26,9 @@ RUN="bench/results/$card-$(date +%Y%m%d).json"  # the offload benchmark's JSON s
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
 case $phase in
   tests)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    for size in Large 1.5B; do timeout 120 python3 bench/dequant_kernels.py --size $size --out "$OUT" 2>&1 | tail -3; done
     ;;
   verify)
     timeout 280 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
@@ -41,14 +42,15 @@ case $phase in
     done
     ;;
   small)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
     cp test-artifacts/gpu-vram-eviction.json "$OUT/" 2>/dev/null
+    timeout 100 python3 bench/dequant_kernels.py --size Large --out "$OUT" 2>&1 | tail -3
     grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
-    timeout 290 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
+    timeout 300 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
   large)  # after `small`: Large, this project (150 frames) and diffusers
-    timeout 400 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers \
+    timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers \
       --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
     ;;
   peers)  # Large's slow peers and transformers' generate

@@ -37,7 +37,7 @@ from vibevoice_offload.bench_case import bench_prompt, build_random_model, resul
 from vibevoice_offload.frame_loop import FrameLoop, GenerationSettings  # noqa: E402
 from vibevoice_offload.offload import OffloadEngine, host_slabs  # noqa: E402
 from vibevoice_offload.offload import engine as engine_module  # noqa: E402
-from vibevoice_offload.plan import OffloadPlan  # noqa: E402
+from vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan  # noqa: E402
 from vibevoice_offload.planner import load_size_config  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("size", nargs="?", default="1.5B", choices=["1.5B", "Large"])
     parser.add_argument("--resident", type=int, default=7, help="decoder layers kept resident (the rest get stream-format slabs)")
-    parser.add_argument("--stream-dtype", default="bf16", choices=["bf16", "fp8"])
+    parser.add_argument("--stream-dtype", default="bf16", choices=STREAM_DTYPES)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-cudnn", action="store_true", help="diagnosis: torch.backends.cudnn disabled (convolutions run torch's own kernels)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))

@@ -411,7 +411,7 @@ class Bench:
             res["layers_per_pass"] = stats["offload_layers_per_pass"]
             res["resident_layers"] = plan.resident_layers
             res["prefetch_depth"] = plan.prefetch_depth
-            res["compute_buffers"] = plan.compute_buffers if plan.fp8 else None
+            res["compute_buffers"] = plan.compute_buffers if plan.staged else None
             # the frames' residency and ring (the frame extension; the bound's k is the frames')
             res["frame_layers"], res["frame_slots"] = plan.frame_layers, plan.frame_slots
             res["frame_resident_layers"] = stats["offload_frame_resident_layers"]
@@ -641,7 +641,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
     parser.add_argument("--models", nargs="+", default=["Large", "1.5B"], choices=["Large", "1.5B"])
     parser.add_argument("--methods", nargs="+", default=["ours", "diffusers", "seed", "accelerate", "generate"])
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "bf16-packed", "fp8"],
+                        help="stream dtypes of this project, in order (fp8 last: closing its engine leaves the model's layers fp8-rounded)")
     parser.add_argument("--frames", type=int, default=150, help="frames per case for this project")
     parser.add_argument("--peer-frames", type=int, default=30, help="frames for diffusers and generate")
     parser.add_argument("--slow-frames", type=int, default=10, help="frames for accelerate (the seed gets twice this)")

@@ -104,7 +104,7 @@ def frames_for(predicted_ms: float, quick: bool) -> int:
 def plan_key(plan: OffloadPlan, n: int) -> tuple:
     streamed = n - plan.resident_layers
     return (plan.resident_layers, plan.stream_dtype if streamed else "-", min(plan.prefetch_depth, streamed), plan.embed_on_host,
-            plan.frame_layers, plan.frame_slots, plan.compute_buffers if plan.fp8 and streamed else None)
+            plan.frame_layers, plan.frame_slots, plan.compute_buffers if plan.staged and streamed else None)
 
 
 class Accuracy:
@@ -175,7 +175,7 @@ class Accuracy:
             "row_keys": list(ROW_KEYS),
             "planner": {
                 "resident_frame": {k: dataclasses.asdict(v) for k, v in planner.RESIDENT_FRAME.items()},
-                "fp8_dequant_ms_per_gb": planner.FP8_DEQUANT_MS_PER_GB,
+                "decode_ms_per_gb": planner.DECODE_MS_PER_GB,
                 "allocator_slack": [float(planner.ALLOCATOR_SLACK_FRACTION), planner.ALLOCATOR_SLACK_FIXED],
             },
             "summary": self.summary(),

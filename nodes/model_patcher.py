@@ -46,13 +46,12 @@ from ..vibevoice_offload import planner
 from ..vibevoice_offload.config import hop_length
 from ..vibevoice_offload.frame_loop import GenerationResult, GenerationSettings
 from ..vibevoice_offload.pipeline import VibeVoice
-from ..vibevoice_offload.plan import OffloadPlan
+from ..vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan
 from ..vibevoice_offload.prompt import build_prompt
 
 log = logging.getLogger("VibeVoiceOffload")
 
 MODES = ("auto", "preset", "manual")
-STREAM_DTYPES = ("bf16", "fp8")
 LOAD_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 UNLIMITED = 1e30  # ComfyUI passes 1e32 extra memory for "load it all" (CPU, --highvram)
 

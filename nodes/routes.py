@@ -171,7 +171,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
     # plan_auto rates plans by speed: it must never measure the link from here. The node's
-    # engine keeps two fp8 compute buffers (its residency follows ComfyUI's grant).
+    # engine keeps two compute buffers for a staged stream dtype (its residency follows ComfyUI's grant).
     auto_kw = dict(kw, link_gbps=link, compute_buffers=2)
 
     error = None

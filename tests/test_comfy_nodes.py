@@ -394,10 +394,10 @@ def test_patcher_counters_equal_the_engines_resident_bytes(pack, model_dirs):
     assert patcher.current_loaded_device() == torch.device("cpu")
 
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
 def test_weight_estimate_is_the_engines_count(pack, model_dirs, stream_dtype):
     """The bytes the patcher expects for n resident layers, before and after loading, are
-    exactly what the engine then holds (ring of bf16 slots, or fp8 staging + compute slot)."""
+    exactly what the engine then holds (ring of bf16 slots, or staging slots + compute buffers)."""
     import torch
 
     patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
@@ -425,6 +425,20 @@ def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypa
     freed = patcher.partially_unload(torch.device("cpu"), 2 * layer)
     assert freed >= 2 * layer and patcher.loaded_size() <= budget - 2 * layer
     assert_counters_true(patcher)
+
+
+def test_packed_streaming_in_comfyui_writes_the_bf16_audio(pack, model_dirs, voices, clean_models):
+    """The node's bf16-packed choice streams the same bits as bf16 (and says which it ran)."""
+    import torch
+
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
+    runs = {}
+    for stream_dtype in ("bf16", "bf16-packed"):
+        audio, stats = patcher.generate(settings(pack, mode="manual", resident_layers=3, stream_dtype=stream_dtype), SCRIPT, voices, gen_settings(pack))
+        assert stats["stream_dtype"] == stream_dtype and stats["engine"]["offload_streamed_layers"] == 5
+        runs[stream_dtype] = audio
+    assert_counters_true(patcher)
+    assert torch.equal(runs["bf16"].waveform, runs["bf16-packed"].waveform)
 
 
 def test_manual_and_preset_configs_apply_at_run_time(pack, model_dirs, voices, clean_models):

@@ -15,7 +15,7 @@ from vibevoice_offload.offload import OffloadEngine, SlabLayout
 from vibevoice_offload.offload.gpu_slots import make_shell
 from vibevoice_offload.offload import engine as engine_module
 from vibevoice_offload.offload import host_slabs
-from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE
+from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE, PACKED
 from vibevoice_offload.pipeline import VibeVoice
 from vibevoice_offload.plan import OffloadPlan
 
@@ -32,8 +32,17 @@ def reference(tiny_model_dir):
     return voices, vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model))
 
 
-def engine_for(tiny_model_dir, plan, dtype="fp32"):
-    vv = VibeVoice.load(tiny_model_dir, dtype=dtype)
+@pytest.fixture(scope="module")
+def reference_bf16(tiny_model_dir, reference):
+    """The resident bf16 model's audio (bf16-packed streaming must give exactly this)."""
+    voices, _ = reference
+    vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
+    return vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform
+
+
+def engine_for(tiny_model_dir, plan, dtype=None):
+    """An engine on the CPU; the model in fp32, or bf16 where the plan packs bf16."""
+    vv = VibeVoice.load(tiny_model_dir, dtype=dtype or ("bf16" if plan.stream_dtype == PACKED else "fp32"))
     return vv, OffloadEngine(vv.model, plan, "cpu")
 
 
@@ -64,6 +73,27 @@ def test_layouts_are_aligned_exact_and_fp8_halves_the_linears(tiny_model_dir):
     assert {e.name for e in q} == {n for n in tensors if n.endswith("proj.weight")}
     assert all(e.dtype == torch.float8_e4m3fn for e in q)
     assert all(native.matches(l) for l in vv.model.model.language_model.layers)
+
+
+def test_packed_layout_codes_the_linears_in_three_quarters(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
+    layer = vv.model.model.language_model.layers[0]
+    packed = SlabLayout.build(layer, PACKED)
+    q = {e.name: e for e in packed.entries if e.role == "q"}
+    assert set(q) == {n for n, _ in layer.named_parameters() if n.endswith("proj.weight")}
+    for name, entry in q.items():
+        weight = layer.get_parameter(name)
+        assert entry.dtype == torch.uint8 and entry.shape == tuple(weight.shape)  # one low byte per element
+        parts = [e for e in packed.entries if e.name.startswith(name + ".__")]
+        assert [e.name.rsplit("__", 1)[1] for e in parts] == ["codes", "base", "exception_positions", "exception_bytes"]
+        assert parts[0].nbytes == (weight.numel() + 1) // 2
+    assert all(e.offset % ALIGN == 0 for e in packed.entries)
+
+
+def test_packed_streaming_needs_a_bf16_model(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    with pytest.raises(ValueError, match="bf16-packed streaming needs a bf16 model; self_attn.q_proj.weight is torch.float32"):
+        OffloadEngine(vv.model, OffloadPlan(1, "bf16-packed"), "cpu")
 
 
 def test_make_shell_copies_structure_not_data(tiny_model_dir):
@@ -127,6 +157,28 @@ def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, comput
     assert torch.equal(streamed, expected)
 
 
+@pytest.mark.parametrize("resident,depth,compute_buffers", [(2, 2, 2), (0, 3, 1), (1, 2, 1), (LAYERS, 2, 2)])
+def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers):
+    """The 12-bit format loses nothing: the same audio as the resident bf16 model, with the
+    layers decoded into one or two compute buffers. (At these tiny shapes the packed slab is
+    not smaller: each part is aligned to 256 bytes; test_planner checks the real shapes.)"""
+    voices, _ = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(resident, "bf16-packed", prefetch_depth=depth, compute_buffers=compute_buffers))
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    stats = engine.stats()
+    assert torch.equal(out, reference_bf16)
+    if resident < LAYERS:
+        assert len(engine._ring.computes) == compute_buffers
+        assert stats["offload_bytes_streamed"] == stats["offload_copies"] * engine.stream_layout.nbytes
+    layers = vv.model.model.language_model.layers
+    if resident < LAYERS:
+        assert layers[LAYERS - 1].mlp.up_proj.weight.is_meta  # the packed slab is the only host copy
+    engine.close()
+    # closing decodes the slabs: the model holds its own weights again, bit for bit
+    again = vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform
+    assert torch.equal(again, reference_bf16)
+
+
 # --- the ring ----------------------------------------------------------------------------------------
 
 def _trace(engine):
@@ -175,8 +227,8 @@ def test_an_aborted_pass_resyncs_the_ring(tiny_model_dir, reference):
 
 # --- the frame extension ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
-def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, reference, stream_dtype):
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
+def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, reference, reference_bf16, stream_dtype):
     """Frames run with 2 more resident layers and a deeper ring (1 streamed layer, so a ring of
     one slot): the same audio as the plan without the extension, every layer the prompt passes
     stream crosses once per pass, the frames stream only the last layer, and after the run
@@ -201,11 +253,11 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
     stats = engine.stats()
     assert torch.equal(out.waveform, without)
-    if stream_dtype == "bf16":
-        assert torch.equal(out.waveform, ref.waveform)
+    if stream_dtype != "fp8":
+        assert torch.equal(out.waveform, ref.waveform if stream_dtype == "bf16" else reference_bf16)
     layer = engine.native.nbytes
     # frames: 2 more layers on the device, the ring shrinks to the one layer left to stream
-    slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # fp8: staging + compute buffers
+    slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # staged: staging + compute buffers
     assert arranged == [(before - engine._ring.nbytes + 2 * layer + slot, 1, 1)]
     assert engine.resident_bytes == before and engine._streamed == [1, 2, 3] and len(engine._ring) == 2
     # the prompt pass (both branches at once) streams layers 1-3 with the base ring primed on
@@ -272,8 +324,8 @@ def test_embed_on_host_is_not_resident(tiny_model_dir):
     a.close(), b.close()
 
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
-def test_set_resident_layers_down_and_up(tiny_model_dir, reference, stream_dtype):
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
+def test_set_resident_layers_down_and_up(tiny_model_dir, reference, reference_bf16, stream_dtype):
     voices, ref = reference
     vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, stream_dtype))
     engine.load()
@@ -284,8 +336,9 @@ def test_set_resident_layers_down_and_up(tiny_model_dir, reference, stream_dtype
         out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
         assert engine.stats()["offload_streamed_layers"] == LAYERS - n
         outs.append(out.waveform)
-    if stream_dtype == "bf16":
-        assert all(torch.equal(o, ref.waveform) for o in outs)
+    if stream_dtype != "fp8":
+        expected = ref.waveform if stream_dtype == "bf16" else reference_bf16
+        assert all(torch.equal(o, expected) for o in outs)
     else:
         # once streamed in fp8, a layer keeps its fp8-rounded weights: the last two runs agree
         assert torch.equal(outs[-1], outs[-2]) or torch.allclose(outs[-1], outs[-2], atol=1e-6)
@@ -365,6 +418,6 @@ def test_freed_tensors_go_back_to_the_os(tiny_model_dir):
     engine = OffloadEngine(vv.model, OffloadPlan(1, "bf16"), "cpu")
     with mock.patch.object(engine_module, "return_freed_memory") as handed_back:
         engine.load()
-        assert handed_back.call_count == 1
+        assert handed_back.call_count == LAYERS  # after each layer is packed: never two copies of many layers
         engine.close()
-        assert handed_back.call_count == 2
+        assert handed_back.call_count == LAYERS + 1

@@ -94,6 +94,45 @@ def test_bf16_streaming_is_bit_identical_to_resident(mid_dir, voices):
     print("bf16 stats", stats)
 
 
+@pytest.mark.parametrize("compute_buffers", [2, 1])
+def test_packed_streaming_is_bit_identical_to_resident(mid_dir, voices, compute_buffers):
+    """bf16-packed streaming (12 bits a weight, decoded on the GPU by the Triton kernels)
+    writes the resident model's bits, every graph on, with fewer bytes per copy than bf16."""
+    settings = GenerationSettings(cfg=1.3, steps=5, seed=11, max_frames=12)
+    reference = resident_reference(mid_dir, voices, settings)
+    plan = OffloadPlan(2, "bf16-packed", prefetch_depth=3, compute_buffers=compute_buffers)
+    streamed, stats = run_engine(mid_dir, voices, settings, plan)
+    assert streamed.stats["decoder_layer_graphs"] > 0 and streamed.stats["speech_graph"]
+    assert torch.equal(reference.waveform, streamed.waveform), (reference.waveform - streamed.waveform).abs().max()
+    native = load(mid_dir).model.model.language_model.layers[0]
+    native_bytes = sum(t.numel() * t.element_size() for t in native.parameters())
+    per_copy = stats["offload_bytes_streamed"] / stats["offload_copies"]
+    print(f"bf16-packed ({compute_buffers} compute buffers): {per_copy / native_bytes:.3f} of the bf16 layer per copy; stats {stats}")
+    assert per_copy < 0.8 * native_bytes
+
+
+def test_fused_packed_decoding_matches_the_reference_at_a_real_shape():
+    """The Triton decoder against the torch reference and the original bits, for a Large MLP
+    weight (68 M elements, its natural exceptions, a zero row, an outlier and a NaN)."""
+    from vibevoice_offload.bf16_packing import pack_bf16
+    from vibevoice_offload.offload.dequant import PackedOp, _packed_kernel, dequantise
+
+    if _packed_kernel(torch.device("cuda")) is None:
+        pytest.fail("no Triton bf16-packed decoder on this GPU: Triton missing or it failed its self-check (see the log)")
+    weight = (torch.randn(18944, 3584, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    weight[5] = 0.0
+    weight[7, 3], weight[9, 9] = 60.0, float("nan")
+    packed = pack_bf16(weight)
+    assert (packed.exception_positions != 0).sum() > 100  # the patch kernel has real work
+    on_gpu = type(packed)(*(t.cuda() for t in packed))
+    fused = torch.full(weight.shape, 7.0, dtype=torch.bfloat16, device="cuda")
+    reference = torch.full_like(fused, 7.0)
+    dequantise([PackedOp(fused, on_gpu)])
+    dequantise([PackedOp(reference, on_gpu)], fused_kernel=False)
+    assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
+    assert torch.equal(fused.view(torch.int16).cpu(), weight.view(torch.int16))
+
+
 def _capture_run(model, tokenizer, executor, voices, settings):
     """Prefill hidden states (both branches) and the first frame's latent (the first frame
     runs eagerly, before any CUDA graph is captured)."""
@@ -149,10 +188,10 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
 
 
-@pytest.mark.parametrize("compute_buffers", [2, 1])
-def test_no_device_allocation_in_steady_state(mid_dir, voices, compute_buffers):
+@pytest.mark.parametrize("stream_dtype,compute_buffers", [("fp8", 2), ("fp8", 1), ("bf16-packed", 1)])
+def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers):
     vv = load(mid_dir)
-    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8", prefetch_depth=5, compute_buffers=compute_buffers), "cuda")
+    engine = OffloadEngine(vv.model, OffloadPlan(1, stream_dtype, prefetch_depth=5, compute_buffers=compute_buffers), "cuda")
     engine.load()
     prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
     keys = ("segment.all.allocated", "num_alloc_retries", "num_device_alloc")
@@ -245,7 +284,7 @@ def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices):
 def test_fused_dequantisation_matches_torch_kernels(mid_dir):
     """The fused Triton kernel (where it is available) writes the same bits as torch's
     copy_/mul_ for every tensor of a real layer's fp8 slab."""
-    from vibevoice_offload.offload.dequant import _fused_kernel, dequant_ops, dequantise
+    from vibevoice_offload.offload.dequant import _fp8_kernel, dequant_ops, dequantise
     from vibevoice_offload.offload.host_slabs import FP8, NATIVE, SlabLayout, pack_layer
 
     vv = load(mid_dir)
@@ -260,7 +299,7 @@ def test_fused_dequantisation_matches_torch_kernels(mid_dir):
     expected = out.clone()
     out.fill_(7)
     dequantise(ops)
-    if _fused_kernel(out.device) is None:
+    if _fp8_kernel(out.device) is None:
         pytest.skip("no fused kernel on this machine (Triton missing or failed its self-check)")
     assert torch.equal(out, expected)
 
@@ -305,7 +344,7 @@ def test_cuda_graph_replay_equals_eager(mid_dir, voices, cfg):
 
 @pytest.mark.parametrize("plan", [
     OffloadPlan(LAYERS, "bf16"), OffloadPlan(3, "bf16", prefetch_depth=2), OffloadPlan(3, "fp8", prefetch_depth=2),
-    OffloadPlan(3, "fp8", prefetch_depth=2, compute_buffers=1),
+    OffloadPlan(3, "fp8", prefetch_depth=2, compute_buffers=1), OffloadPlan(3, "bf16-packed", prefetch_depth=2, compute_buffers=1),
 ])
 def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     """Whole runs with both halves of each frame (and fp8 dequantisation) replayed from CUDA
@@ -327,12 +366,12 @@ def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
     # Copies and dequantisations run in one order, so with two staging slots and two compute
     # buffers slot i always feeds buffer i, and with one both feed it: two (buffer, slot)
     # pairs, each captured.
-    assert dequant_graphs == (2 if plan.fp8 else 0)
+    assert dequant_graphs == (2 if plan.staged else 0)
     assert runs[True].stats["speech_graph"] and not runs[False].stats["speech_graph"]
     streamed = LAYERS - plan.resident_layers
     # a streamed layer runs from the slot or compute buffer its turn gives it: with two it
     # alternates (5 streamed layers), with one (fp8, one compute buffer) it never changes
-    modules = (plan.compute_buffers if plan.fp8 else plan.prefetch_depth) if streamed else 1
+    modules = (plan.compute_buffers if plan.staged else plan.prefetch_depth) if streamed else 1
     assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + streamed * (min(modules, 2) - 1)
     assert runs[False].stats["decoder_layer_graphs"] == 0
     assert torch.equal(runs[True].waveform, runs[False].waveform)
@@ -355,7 +394,7 @@ def test_reserved_memory_returns_after_each_run(mid_dir, voices):
     assert reserved[-1] <= reserved[1]
 
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
 def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
     """Frames with 3 more resident layers and a deeper ring (all graphs on) write the same
     bits as the plan without them; the extension is on the device during the frames only:
@@ -385,9 +424,9 @@ def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
     assert plain.waveform.numel() > 0 and torch.equal(plain.waveform, ext.waveform)
     assert ext.stats["decoder_layer_graphs"] > 0 and ext.stats["speech_graph"]
     assert stats["offload_frame_resident_layers"] == 4 and stats["offload_resident_layers"] == 1
-    # (the plain fp8 ring keeps its dequantisation graphs' pool across runs; the extended run's
+    # (a plain staged ring keeps its decoding graphs' pool across runs; the extended run's
     # end rebuilds the ring, so nothing of the frames is left)
-    assert ext_left == 0 and (plain_left == 0 or stream_dtype == "fp8"), (plain_left, ext_left)
+    assert ext_left == 0 and (plain_left == 0 or stream_dtype != "bf16"), (plain_left, ext_left)
     # during the frames the 3 layers (and the deeper ring) are on the device beyond the plain run's use
     extra = min(ext_during) - max(plain_during)
     print(f"frame extension ({stream_dtype}): {extra >> 20} MiB over the plain run during frames; 3 layers {3 * layer_bytes >> 20} MiB")

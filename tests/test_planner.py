@@ -87,6 +87,22 @@ def test_decoder_layer_bytes_match_hand_arithmetic(size, expected_bf16, expected
     assert sizes.layers_fp8[0] / sizes.layers[0] == pytest.approx(0.5, abs=0.002)
 
 
+@pytest.mark.parametrize("size", ["Large", "1.5B"])
+def test_packed_layer_bytes_are_the_engines_layout_at_the_real_shapes(size):
+    """The planner's census against the engine's own slab layout of a real-shape layer (on
+    the meta device): bf16-packed is 3/4 of the layer plus the exception lists."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from vibevoice_offload.offload.host_slabs import PACKED, SlabLayout
+
+    config = load_size_config(size)
+    with torch.device("meta"):
+        layer = Qwen2DecoderLayer(config.text_config, 0).to(torch.bfloat16)
+    sizes = model_sizes(config)
+    assert sizes.layers_packed == (SlabLayout.build(layer, PACKED).nbytes,) * 28
+    assert sizes.layers_packed[0] / sizes.layers[0] == pytest.approx(0.75 + 5 / 512, abs=0.001)
+
+
 def test_float32_model_doubles_the_layer(large):
     assert model_sizes(large, torch.float32).layers[0] == 2 * 466_115_584
 

@@ -64,6 +64,7 @@ def _plans(num_layers: int) -> list[OffloadPlan]:
                 plans.append(OffloadPlan(resident, stream_dtype, depth))
     plans += [OffloadPlan(0, "fp8", 3, embed_on_host=True), OffloadPlan(some, "bf16", 2, pinned=False, embed_on_host=True)]
     plans += [OffloadPlan(resident, "fp8", 2, compute_buffers=1) for resident in (0, num_layers - 1)]
+    plans += [OffloadPlan(resident, "bf16-packed", 2, compute_buffers=buffers) for resident in (0, some) for buffers in (2, 1)]
     return plans
 
 
@@ -174,6 +175,8 @@ def test_the_models_need_slab_padding(folders, name):
     sizes = planner.model_sizes(cp.config, cp.dtype)
     assert sizes.layers[0] == engine.native.nbytes > raw
     assert sizes.layers_fp8[0] == engine.stream_layout.nbytes
+    packed = OffloadEngine(cp.model, OffloadPlan(0, "bf16-packed", 2), device="cpu")
+    assert sizes.layers_packed[0] == packed.stream_layout.nbytes
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -181,7 +184,7 @@ def test_the_models_need_slab_padding(folders, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", [OffloadPlan(0, "bf16", 3), OffloadPlan(3, "fp8", 3), OffloadPlan(6, "bf16"), OffloadPlan(2, "fp8", 2, embed_on_host=True),
-                                  OffloadPlan(1, "fp8", 3, compute_buffers=1)],
+                                  OffloadPlan(1, "fp8", 3, compute_buffers=1), OffloadPlan(1, "bf16-packed", 3, compute_buffers=1)],
                          ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}-c{p.compute_buffers}")
 def test_estimate_against_cuda_allocations(folders, plan):
     """On the GPU the engine's count is real memory: memory_allocated() rises by the weight

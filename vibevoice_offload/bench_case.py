@@ -45,7 +45,7 @@ from torch import nn
 
 from . import planner
 from .errors import VibeVoiceError
-from .plan import OffloadPlan
+from .plan import STREAM_DTYPES, OffloadPlan
 
 GB = planner.GB
 SCRIPT = "Speaker 1: Hello, how are you today?\nSpeaker 2: Fine, thank you!"
@@ -373,7 +373,7 @@ class CaseRunner:
             "streamed_layers": n - plan.resident_layers,
             "prefetch_depth": min(plan.prefetch_depth, n - plan.resident_layers) if plan.resident_layers < n else 0,
             "embed_on_host": plan.embed_on_host,
-            "compute_buffers": plan.compute_buffers if plan.fp8 else None,
+            "compute_buffers": plan.compute_buffers if plan.staged else None,
             "frame_layers": plan.frame_layers,
             "frame_slots": plan.frame_slots,
             "frames_requested": frames,
@@ -500,7 +500,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     model.add_argument("--model", type=Path, metavar="DIR", help="a VibeVoice model folder")
     model.add_argument("--size", choices=planner.SIZES, help="random weights at a released size's shapes (default: Large)")
     parser.add_argument("--vram", type=planner._vram_arg, help="VRAM budget, e.g. 8GB (default on CUDA: 90%% of the free VRAM)")
-    parser.add_argument("--stream-dtype", choices=("bf16", "fp8"), default="bf16")
+    parser.add_argument("--stream-dtype", choices=STREAM_DTYPES, default="bf16")
     parser.add_argument("--prefetch-depth", type=int, help="ring depth (default: auto chooses; presets and --layers use 2)")
     parser.add_argument("--embed-on-host", action="store_true", help="keep embed_tokens on the host")
     parser.add_argument("--frames", type=int, default=60, help="frames to generate (the first 3 are not timed)")

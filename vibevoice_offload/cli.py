@@ -15,6 +15,7 @@ from .config import SAMPLE_RATE
 from .errors import VibeVoiceError
 from .frame_loop import GenerationResult, GenerationSettings
 from .pipeline import VibeVoice
+from .plan import STREAM_DTYPES
 from .planner import PRESETS, parse_vram
 
 OFFLOAD_MODES = ("auto", *PRESETS, "none")
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=device, help="cuda (offloaded to fit --vram) or cpu")
         p.add_argument("--offload", default="auto", choices=OFFLOAD_MODES, help="auto: most resident layers that fit; a preset; none: all resident")
         p.add_argument("--layers", type=int, default=None, help="resident decoder layers (overrides --offload)")
-        p.add_argument("--stream-dtype", default="bf16", choices=["bf16", "fp8"], help="dtype of streamed layers (fp8 halves the bytes)")
+        p.add_argument("--stream-dtype", default="bf16", choices=STREAM_DTYPES, help="how streamed layers cross the link: bf16, bf16-packed (same bits, 3/4 of the bytes), fp8 (half the bytes, rounded)")
         p.add_argument("--vram", default=None, help="VRAM budget, e.g. 12GB (default: 90%% of free VRAM)")
 
     def add_sampling(p: argparse.ArgumentParser, max_seconds: float | None) -> None:

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-StreamDtype = Literal["bf16", "fp8"]
+StreamDtype = Literal["bf16", "bf16-packed", "fp8"]
+STREAM_DTYPES: tuple[str, ...] = get_args(StreamDtype)
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,12 @@ class OffloadPlan:
 
     stream_dtype: StreamDtype
     """How streamed layers are stored on the host and cross the link. "bf16": in the model
-    dtype, as loaded. "fp8": the weights of the layer's `nn.Linear` modules as
-    `torch.float8_e4m3fn` with one float32 scale per output channel (row); norms and
-    biases stay in the model dtype. The engine dequantises into a model-dtype slot."""
+    dtype, as loaded. "bf16-packed": the same bits, the `nn.Linear` weights in the lossless
+    12-bit format of `bf16_packing` (3/4 of the bytes; a bf16 model, and Triton on CUDA).
+    "fp8": the `nn.Linear` weights as `torch.float8_e4m3fn` with one float32 scale per
+    output channel (row; half the bytes, rounded). Norms and biases stay in the model dtype.
+    The two encoded formats are "staged": the engine decodes them into a model-dtype
+    compute buffer on the GPU."""
 
     prefetch_depth: int = 2
     """GPU slots in the ring: one being computed, the others being filled (>= 2)."""
@@ -51,13 +55,14 @@ class OffloadPlan:
     the link busy through the part of the frame that has no streamed layer."""
 
     compute_buffers: int = 2
-    """fp8 streaming only: the model-dtype buffers that staged layers are dequantised into.
-    2: the next layer is dequantised while the current one computes. 1: a layer less of
-    VRAM (fp8 then fits wherever bf16 does), each layer dequantised just before it runs."""
+    """Staged streaming only: the model-dtype buffers that staged layers are decoded into.
+    2: the next layer is decoded while the current one computes. 1: a layer less of VRAM
+    (fp8 then fits wherever bf16 does), each layer decoded just before it runs."""
 
     @property
-    def fp8(self) -> bool:
-        return self.stream_dtype == "fp8"
+    def staged(self) -> bool:
+        """Streamed layers are decoded on the GPU (fp8, bf16-packed), not run from their slot."""
+        return self.stream_dtype != "bf16"
 
     def streamed_layers(self, num_layers: int) -> int:
         return num_layers - self.resident_layers
@@ -79,8 +84,8 @@ class OffloadPlan:
                 f"resident_layers={self.resident_layers} is outside 0..{num_layers} "
                 f"(the model has {num_layers} decoder layers)"
             )
-        if self.stream_dtype not in get_args(StreamDtype):
-            raise ValueError(f"stream_dtype must be one of {get_args(StreamDtype)}, got {self.stream_dtype!r}")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {self.stream_dtype!r}")
         if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 2:
             raise ValueError(f"prefetch_depth must be an int >= 2 (one slot computing, one filling), got {self.prefetch_depth!r}")
         if not isinstance(self.pinned, bool):

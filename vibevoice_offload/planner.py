@@ -32,9 +32,10 @@ from transformers import PretrainedConfig, VibeVoiceConfig, VibeVoiceForConditio
 from .config import SAMPLE_RATE, build_config, detect_layout, hop_length, load_config
 from .decoder_pass import round_up as kv_positions
 from .errors import VibeVoiceError
+from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
-from .plan import OffloadPlan, StreamDtype
+from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype
 from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
@@ -181,6 +182,10 @@ class ModelSizes:
     """Each decoder layer as streamed in fp8 (the engine's FP8 slab): nn.Linear weights at 1
     byte per element and one float32 scale per output row, each padded to 256 bytes, plus
     biases and norms in the model dtype, padded likewise."""
+    layers_packed: tuple[int, ...]
+    """Each decoder layer as streamed bf16-packed (the engine's PACKED slab): nn.Linear
+    weights in `bf16_packing`'s parts (1.5 bytes per element plus the exception list), each
+    padded to 256 bytes, plus biases and norms as they are."""
     embed_tokens: int
     lm_head: int
     """0 when tied to `embed_tokens` (1.5B)."""
@@ -207,21 +212,26 @@ class ModelSizes:
 
     def stream_bytes(self, index: int, stream_dtype: StreamDtype) -> int:
         """Bytes of decoder layer `index` as it sits in its host slab and crosses the link."""
-        return self.layers_fp8[index] if stream_dtype == "fp8" else self.layers[index]
+        by_dtype = {"bf16": self.layers, "bf16-packed": self.layers_packed, "fp8": self.layers_fp8}
+        return by_dtype[stream_dtype][index]
 
 
 def _align(nbytes: int) -> int:
     return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
 
 
-def _slab_bytes(layer: _LayerCensus, itemsize: int, *, fp8: bool) -> int:
+def _slab_bytes(layer: _LayerCensus, itemsize: int, stream_dtype: StreamDtype) -> int:
     """Bytes of one decoder layer in the engine's slab layout (`host_slabs.SlabLayout`): each
-    tensor at a 256-byte-aligned offset; fp8: a Linear weight becomes 1-byte elements plus a
-    separately aligned float32 scale per row."""
+    tensor at a 256-byte-aligned offset. fp8: a Linear weight becomes 1-byte elements plus a
+    separately aligned float32 scale per row; bf16-packed: its low bytes and each further
+    part of `bf16_packing`, separately aligned."""
     total = 0
     for t in layer.tensors:
-        if fp8 and t.rows:
+        if stream_dtype == "fp8" and t.rows:
             total += _align(t.numel * FP8_DTYPE.itemsize) + _align(t.rows * FP8_SCALE_DTYPE.itemsize)
+        elif stream_dtype == "bf16-packed" and t.rows:
+            parts = packed_nbytes(t.numel).values()
+            total += _align(t.numel) + sum(_align(math.prod(shape) * dtype.itemsize) for shape, dtype in parts)
         else:
             total += _align(t.numel * (t.itemsize or itemsize))
     return total
@@ -238,11 +248,10 @@ def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> Mode
     def part(name: str) -> int:
         return census.param_numel.get(name, 0) * itemsize + census.buffer_bytes.get(name, 0)
 
-    layers = tuple(_slab_bytes(c, itemsize, fp8=False) for c in census.layers)
-    layers_fp8 = tuple(_slab_bytes(c, itemsize, fp8=True) for c in census.layers)
     return ModelSizes(
-        layers=layers,
-        layers_fp8=layers_fp8,
+        layers=tuple(_slab_bytes(c, itemsize, "bf16") for c in census.layers),
+        layers_fp8=tuple(_slab_bytes(c, itemsize, "fp8") for c in census.layers),
+        layers_packed=tuple(_slab_bytes(c, itemsize, "bf16-packed") for c in census.layers),
         embed_tokens=part("embed_tokens"),
         lm_head=part("lm_head"),
         lm_head_slice=LM_HEAD_ROWS * config.text_config.hidden_size * itemsize,
@@ -424,11 +433,11 @@ class Estimate:
     slots: int
     """The engine's streaming ring (`gpu_slots.SlotRing`), 0 when nothing is streamed. With
     S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
-    layers to stream): bf16 streaming, S model-dtype slots of one layer each; fp8
-    streaming, S fp8 staging slots (the layer's fp8 slab: weights, row scales, biases and
-    norms) plus the plan's `compute_buffers` (1 or 2) model-dtype compute buffers that the
-    layers are dequantised into in turn, on a stream of their own (with 2, one layer ahead
-    of compute)."""
+    layers to stream): bf16 streaming, S model-dtype slots of one layer each; staged
+    streaming (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and
+    their other parts, biases and norms) plus the plan's `compute_buffers` (1 or 2)
+    model-dtype compute buffers that the layers are decoded into in turn, on a stream of
+    their own (with 2, one layer ahead of compute)."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
     branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
@@ -470,8 +479,8 @@ class Estimate:
     host_slabs: int
     """The engine's host slabs, exactly: resident layers in the model dtype (kept for a fast
     reload), streamed layers in the stream dtype; pinned or pageable per the plan. (An
-    engine whose residency was changed after packing keeps fp8 slabs of layers that became
-    resident: `set_resident_layers` never re-packs them.)"""
+    engine whose residency was changed after packing keeps staged slabs of layers that
+    became resident: `set_resident_layers` never re-packs them.)"""
     host_ram: int
     """Host memory the model holds under the engine: `host_slabs` plus every other part of
     the model at its loaded size (the engine keeps the host copy of each module it places
@@ -505,7 +514,7 @@ def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     if not streamed:
         return 0
     native = max(sizes.layers[i] for i in streamed)
-    staged = max(sizes.layers_fp8[i] for i in streamed) if plan.fp8 else None
+    staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed) if plan.staged else None
     return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers)
 
 
@@ -739,7 +748,7 @@ def _most_resident(
 ) -> tuple[OffloadPlan, int]:
     """The plan like `base` with the most resident layers whose estimate fits, and its need.
     Searches from all-resident downwards: the estimate is not monotone at the top (with
-    fp8, N-1 resident layers need a staging slot and a compute buffer, more than the layer
+    a staged format, N-1 resident layers need a staging slot and a compute buffer, more than the layer
     itself; keeping all N drops the ring). Returns the 0-resident plan if nothing fits."""
     n = config.text_config.num_hidden_layers
     for resident in range(n, -1, -1):
@@ -773,7 +782,7 @@ def plan_auto(
     and of those plans the one `predict_ms_per_frame` rates fastest with its frame
     extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in
     that order: depth 2..N (or only `prefetch_depth` if given) with two compute buffers,
-    then for fp8 the same depths with one (a layer less of VRAM: the smallest fp8 ring is
+    then for a staged format the same depths with one (a layer less of VRAM: the smallest fp8 ring is
     then bf16's, and at the smallest budgets it is the only one that fits); only
     `compute_buffers` if given. A ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run
@@ -788,7 +797,7 @@ def plan_auto(
     """
     n = config.text_config.num_hidden_layers
     depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
-    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype == "fp8" else (2,)
+    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype != "bf16" else (2,)
     link = link_gbps
     best: OffloadPlan | None = None
     best_ms = math.inf
@@ -970,10 +979,11 @@ host, sets it; runs on one H100 still differed by up to 17% (1.5B), which
 `bench/planner_accuracy.py` and `offload_bench.py` measure per run."""
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
-# GPU time to dequantise a streamed fp8 layer (dequant.dequantise, the fused kernel), per GB
-# of model-dtype layer: 0.385 ms for a Large layer (0.466 GB) on an H100
+# GPU time to decode a streamed staged layer (dequant.dequantise, the fused kernels), per GB
+# of model-dtype layer. fp8: 0.385 ms for a Large layer (0.466 GB) on an H100
 # (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json).
-FP8_DEQUANT_MS_PER_GB = 0.82
+# bf16-packed: PLACEHOLDER
+DECODE_MS_PER_GB = {"fp8": 0.82, "bf16-packed": 0.96}
 # While layers stream, the rest of the frame (token choice, the speech graph's replay,
 # copying the audio out) takes longer than with everything resident: fitted on H100 rows
 # when the layers still ran eagerly (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json at
@@ -1038,13 +1048,13 @@ def simulate_frame_ms(
     each `layer_ms` of compute, then `other_ms` (diffusion head, tokenizers, sampling).
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
-    slot is free: bf16, when the layer copied into it by copy j - S has finished; fp8
-    (`staged`), when that layer's dequantisation has finished. fp8 dequantisations
-    (`dequant_ms` each) run in order on their own stream, alongside compute, into one of
-    `compute_buffers` compute buffers: dequantisation j starts when copy j is done and layer
+    slot is free: bf16, when the layer copied into it by copy j - S has finished; a staged
+    format (`staged`), when that layer's decoding has finished. Decodings (`dequant_ms`
+    each) run in order on their own stream, alongside compute, into one of
+    `compute_buffers` compute buffers: decoding j starts when copy j is done and layer
     j - compute_buffers has left its buffer (with one, right after the previous layer ran).
-    A streamed layer starts when the compute stream is free and its copy (fp8: its
-    dequantisation) is done, and takes `layer_ms`.
+    A streamed layer starts when the compute stream is free and its copy (staged: its
+    decoding) is done, and takes `layer_ms`.
     So a ring of S slots can only get S layers ahead while the diffusion head and
     tokenizers run: shallow rings leave the link idle there.
     """
@@ -1054,7 +1064,7 @@ def simulate_frame_ms(
     depth = min(depth, streamed)
     copy_engine_free = dequant_engine_free = 0.0
     slot_free = [0.0] * depth
-    buffer_free = [0.0] * compute_buffers  # fp8: when each compute buffer's last layer has run
+    buffer_free = [0.0] * compute_buffers  # staged: when each compute buffer's last layer has run
     copy_done: list[float] = []
     t = 0.0
     starts = []
@@ -1118,8 +1128,8 @@ def predict_ms_per_frame(
     """Predicted ms per frame: `simulate_frame_ms` of the plan's ring, with T_resident
     (`resident_ms`, default per model size) split into the decoder pass (`decoder_ms`;
     default: the size's measured share of T_resident, `ResidentFrame`) and the rest, copies
-    of each streamed layer's link bytes at `link_gbps`, and for fp8 the dequantisation
-    (FP8_DEQUANT_MS_PER_GB of the model-dtype layer). Never below `bound_ms_per_frame`.
+    of each streamed layer's link bytes at `link_gbps`, and for a staged format the decoding
+    (DECODE_MS_PER_GB of the model-dtype layer). Never below `bound_ms_per_frame`.
     The frames run under `plan.in_frames()`."""
     plan = plan.in_frames()
     bound = bound_ms_per_frame(config, plan, link_gbps, resident_ms, dtype=dtype)  # rejects a link_gbps <= 0
@@ -1134,10 +1144,10 @@ def predict_ms_per_frame(
     if not streamed:
         return t_resident
     link = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
-    dequant_ms = FP8_DEQUANT_MS_PER_GB * max(sizes.layers[i] for i in streamed) / GB if plan.fp8 else 0.0
+    dequant_ms = DECODE_MS_PER_GB[plan.stream_dtype] * max(sizes.layers[i] for i in streamed) / GB if plan.staged else 0.0
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, (t_resident - decoder_ms) * STREAMING_SLOWS_THE_REST,
-        _copy_ms(link, link_gbps), staged=plan.fp8, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
+        _copy_ms(link, link_gbps), staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
     )
     return max(simulated, bound)
 
@@ -1326,7 +1336,7 @@ def add_table_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     model.add_argument("--model", type=Path, metavar="DIR", help="a VibeVoice model folder (its config.json)")
     model.add_argument("--size", choices=SIZES, help="a released model's config (default: Large)")
     parser.add_argument("--vram", type=_vram_arg, help="VRAM budget, e.g. 12GB (default: 90%% of the GPU's free VRAM)")
-    parser.add_argument("--stream-dtype", choices=("bf16", "fp8"), default="bf16", help="how streamed layers cross the link")
+    parser.add_argument("--stream-dtype", choices=STREAM_DTYPES, default="bf16", help="how streamed layers cross the link")
     parser.add_argument("--link-gbps", type=float, help="pinned host->device GB/s (default: measured, or the PCIe 4 figure)")
     parser.add_argument(
         "--minutes", type=float, default=DEFAULT_MINUTES,

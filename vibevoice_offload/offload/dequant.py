@@ -1,69 +1,143 @@
-"""Dequantising a staged fp8 decoder layer into a model-dtype buffer, on the device.
+"""Decoding a staged decoder layer into a model-dtype buffer, on the device.
 
-Per linear weight: out = fp8 weight x float32 row scale, rounded once to the model dtype;
-the layer's other tensors (biases, norms) are copied as they are. On CUDA a fused Triton
-kernel does a weight in one pass (one read of the fp8 bytes, one write of the result): a
-Large layer takes 0.38 ms on an H100 against 1.75 ms for torch's two in-place kernels
-(`copy_` then `mul_`, which read and write the model-dtype layer twice), with identical
-bits (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json). That GPU time
-matters even on a side stream: it competes with the decoder layers for memory bandwidth.
+Two staged formats (`host_slabs.STAGED_FORMATS`), each weight decoded by one fused Triton
+kernel on CUDA (one read of the staged bytes, one write of the result), the layer's other
+tensors (biases, norms) copied as they are:
+
+- fp8: out = fp8 weight x float32 row scale, rounded once to the model dtype. A Large layer
+  takes 0.38 ms on an H100 against 1.75 ms for torch's two in-place kernels (`copy_` then
+  `mul_`, which read and write the model-dtype layer twice), with identical bits
+  (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json). That GPU time matters
+  even on a side stream: it competes with the decoder layers for memory bandwidth.
+- bf16-packed (`bf16_packing`): each element's high byte from its 4-bit code and the
+  tensor's base, joined to its stored low byte; then a second small kernel writes the
+  exceptions' high bytes. Bit for bit the bf16 weight.
+
 Triton is used where it is installed and passes a self-check on the device (Windows
-installs often lack it); otherwise, and on a CPU, the torch kernels.
+installs often lack it). Without it fp8 uses torch's in-place kernels; bf16-packed has no
+allocation-free torch decoder, so the engine refuses it on such a GPU
+(`require_packed_kernel`). On a CPU both use the torch reference decoders.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from .host_slabs import SlabLayout
+from ..bf16_packing import PackedBf16, unpack_bf16
+from .host_slabs import FP8, PACKED, SlabLayout
 
 log = logging.getLogger(__name__)
 
-DequantOp = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-"""(destination view, source view, float32 row scales for an fp8 weight, else None)."""
+_BLOCK = 4096  # elements (fp8: columns of one row) per Triton program
 
-_BLOCK = 4096  # columns per Triton program
+
+@dataclass(frozen=True)
+class CopyOp:
+    """A tensor stored as it is used (bias, norm)."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Fp8Op:
+    dst: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor  # float32, one per row
+
+
+@dataclass(frozen=True)
+class PackedOp:
+    dst: torch.Tensor
+    packed: PackedBf16
+
+
+DequantOp = CopyOp | Fp8Op | PackedOp
 
 
 def dequant_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list[DequantOp]:
     """The ops that turn `staging` (a layer in the `stream` layout) into `dst` (NATIVE layout)."""
     src = stream.by_name()
-    ops = []
+    ops: list[DequantOp] = []
     for entry in native.entries:
-        s = src[entry.name]
-        scale = src[entry.name + ".__scale"].view(staging) if s.role == "q" else None
-        ops.append((entry.view(dst), s.view(staging), scale))
+        s, out = src[entry.name], entry.view(dst)
+        if s.role != "q":
+            ops.append(CopyOp(out, s.view(staging)))
+        elif stream.format == FP8:
+            ops.append(Fp8Op(out, s.view(staging), src[entry.name + ".__scale"].view(staging)))
+        else:
+            parts = {part: src[f"{entry.name}.__{part}"].view(staging) for part in PackedBf16._fields[1:]}
+            ops.append(PackedOp(out, PackedBf16(s.view(staging), **parts)))
     return ops
 
 
 def dequantise(ops: list[DequantOp], *, fused_kernel: bool = True) -> None:
-    """Enqueue `ops` on the current stream (nothing is allocated); `fused_kernel=False` forces
-    the torch kernels (to compare the two)."""
-    fused = _fused_kernel(ops[0][0].device) if ops and fused_kernel else None
-    for dst, src, scale in ops:
-        if scale is None:
-            dst.copy_(src)
-        elif fused is not None:
-            fused(src, scale, dst)
+    """Enqueue `ops` on the current stream; `fused_kernel=False` forces the torch kernels (to
+    compare the two). Nothing is allocated except by the packed format's torch reference."""
+    device = ops[0].dst.device if ops else None
+    for op in ops:
+        if isinstance(op, CopyOp):
+            op.dst.copy_(op.src)
+        elif isinstance(op, Fp8Op):
+            fused = _fp8_kernel(device) if fused_kernel else None
+            if fused is not None:
+                fused(op.q, op.scale, op.dst)
+            else:
+                op.dst.copy_(op.q)
+                op.dst.mul_(op.scale[:, None])
         else:
-            dst.copy_(src)
-            dst.mul_(scale[:, None])
+            fused = _packed_kernel(device) if fused_kernel else None
+            if fused is not None:
+                fused(op.packed, op.dst)
+            else:
+                op.dst.copy_(unpack_bf16(op.packed))
 
 
-@functools.cache
-def _fused_kernel(device: torch.device):
-    """The Triton kernel as `fn(q, scale, out)` if it compiles and matches torch on `device`, else None."""
-    if device.type != "cuda":
-        return None
+def require_packed_kernel(device: torch.device) -> None:
+    """Raise unless bf16-packed layers can be decoded on `device` without allocating."""
+    if device.type == "cuda" and _packed_kernel(device) is None:
+        raise RuntimeError(
+            f"{PACKED} streaming needs Triton on CUDA and it is unavailable on {device} (see the log); "
+            "use stream dtype bf16 (the same bits, 4/3 of the bytes)"
+        )
+
+
+def packed_kernel_available(device: torch.device) -> bool:
+    return device.type != "cuda" or _packed_kernel(device) is not None
+
+
+def _triton():
     try:
         import triton
         import triton.language as tl
     except ImportError:
-        log.info("triton is not installed: fp8 layers are dequantised with torch kernels (slower)")
+        log.info("triton is not installed: fp8 layers are dequantised with torch kernels (slower), bf16-packed is unavailable")
         return None
+    return triton, tl
+
+
+def _self_checked(device: torch.device, what: str, check) -> bool:
+    """Run `check()` on `device`; a GPU or Triton build that gets a bit wrong must not be used."""
+    try:
+        with torch.cuda.device(device):
+            if not check():
+                raise RuntimeError("result differs from torch's")
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
+        log.warning("fused %s decoding unavailable on %s (%s)", what, device, exc)
+        return False
+    return True
+
+
+@functools.cache
+def _fp8_kernel(device: torch.device):
+    """The Triton fp8 kernel as `fn(q, scale, out)` if it compiles and matches torch on `device`, else None."""
+    if device.type != "cuda" or (imported := _triton()) is None:
+        return None
+    triton, tl = imported
 
     @triton.jit
     def kernel(q_ptr, scale_ptr, out_ptr, cols, BLOCK: tl.constexpr):
@@ -78,17 +152,57 @@ def _fused_kernel(device: torch.device):
         rows, cols = q.shape
         kernel[(rows, triton.cdiv(cols, _BLOCK))](q, scale, out, cols, BLOCK=_BLOCK)
 
-    try:  # a GPU or Triton build without fp8 conversions must not produce wrong weights
-        with torch.cuda.device(device):
-            weight = torch.randn(64, 5000, device=device)
-            scale = weight.abs().amax(dim=1) / 448
-            q = (weight / scale[:, None]).to(torch.float8_e4m3fn)
-            expected = q.to(torch.bfloat16).mul_(scale[:, None])
-            got = torch.empty_like(expected)
-            fused(q, scale, got)
-            if not torch.equal(got, expected):
-                raise RuntimeError("result differs from torch's")
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch kernels
-        log.warning("fused fp8 dequantisation unavailable on %s (%s): using torch kernels", device, exc)
+    def check() -> bool:
+        weight = torch.randn(64, 5000, device=device)
+        scale = weight.abs().amax(dim=1) / 448
+        q = (weight / scale[:, None]).to(torch.float8_e4m3fn)
+        expected = q.to(torch.bfloat16).mul_(scale[:, None])
+        got = torch.empty_like(expected)
+        fused(q, scale, got)
+        return torch.equal(got, expected)
+
+    return fused if _self_checked(device, "fp8", check) else None
+
+
+@functools.cache
+def _packed_kernel(device: torch.device):
+    """The Triton bf16-packed decoder as `fn(packed, out)` if it compiles and matches the
+    reference on `device`, else None."""
+    if device.type != "cuda" or (imported := _triton()) is None:
         return None
-    return fused
+    triton, tl = imported
+
+    @triton.jit
+    def expand(low_ptr, codes_ptr, base_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        low = tl.load(low_ptr + offsets, mask=mask).to(tl.int32)
+        code = (tl.load(codes_ptr + offsets // 2, mask=mask).to(tl.int32) >> ((offsets % 2) * 4)) & 15
+        offset = code & 7
+        high = ((code & 8) << 4) | tl.where(offset == 7, 0, offset + tl.load(base_ptr).to(tl.int32))  # 7: top exponent 0
+        tl.store(out_ptr + offsets, ((high << 8) | low).to(tl.int16), mask=mask)  # truncation keeps the bits
+
+    @triton.jit
+    def patch(positions_ptr, bytes_ptr, out_bytes_ptr, count, BLOCK: tl.constexpr):
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < count
+        position = tl.load(positions_ptr + j, mask=mask).to(tl.int64)
+        tl.store(out_bytes_ptr + 2 * position + 1, tl.load(bytes_ptr + j, mask=mask), mask=mask)
+
+    def fused(packed: PackedBf16, out: torch.Tensor) -> None:
+        numel, count = packed.low.numel(), packed.exception_positions.numel()
+        bits = out.view(torch.int16)
+        expand[(triton.cdiv(numel, _BLOCK),)](packed.low, packed.codes, packed.base, bits, numel, BLOCK=_BLOCK)
+        patch[(triton.cdiv(count, _BLOCK),)](packed.exception_positions, packed.exception_bytes, bits.view(torch.uint8), count, BLOCK=_BLOCK)
+
+    def check() -> bool:
+        from ..bf16_packing import pack_bf16
+
+        weight = torch.randn(64, 5001, device=device).mul_(0.02).to(torch.bfloat16)
+        weight[3, :7] = torch.tensor([0.0, -0.0, 1e-30, -3e30, float("inf"), float("nan"), 1.0])
+        packed = pack_bf16(weight)
+        got = torch.empty_like(weight)
+        fused(packed, got)
+        return torch.equal(got.view(torch.int16), weight.view(torch.int16))
+
+    return fused if _self_checked(device, "bf16-packed", check) else None

@@ -6,12 +6,13 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
   slot's "free" event: recorded on the compute stream after the slot's previous layer ran
-  (bf16), or on the dequantisation stream once that layer was dequantised out of it (fp8);
-- fp8: the staged layer is dequantised on a stream of its own into one of the plan's
+  (bf16), or on the dequantisation stream once that layer was decoded out of it (the staged
+  formats, fp8 and bf16-packed);
+- staged: the layer is decoded (`dequant.py`) on a stream of its own into one of the plan's
   `compute_buffers`, after its copy and after the compute stream is done with that
   buffer's previous layer; with two, the next streamed layer is dequantised while the
   current one runs;
-- `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (fp8:
+- `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (staged:
   the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
   the streamed layers, wrapping into the next pass: while the diffusion head and the
@@ -43,10 +44,10 @@ import torch
 from torch import nn
 
 from ..plan import OffloadPlan
-from .dequant import dequant_ops, dequantise
+from .dequant import dequant_ops, dequantise, require_packed_kernel
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
 from .host_slabs import (
-    FP8, NATIVE, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, return_freed_memory, unpack_layer,
+    NATIVE, PACKED, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, return_freed_memory, unpack_layer,
 )
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class _Placement:
 
 @dataclasses.dataclass
 class _Use:
-    """One issued copy: streamed layer `layer` on its way into `slot`; with fp8 streaming, the
+    """One issued copy: streamed layer `layer` on its way into `slot`; with staged streaming, the
     compute buffer it has been dequantised into (None until that is enqueued)."""
 
     layer: int
@@ -158,18 +159,20 @@ class OffloadEngine:
         for i, layer in enumerate(self.layers):
             if not self.native.matches(layer):
                 raise ValueError(f"decoder layer {i} differs in structure from layer 0; all layers must be alike")
-        self.stream_layout = SlabLayout.build(self.layers[0], FP8) if plan.fp8 else self.native
+        self.stream_layout = SlabLayout.build(self.layers[0], plan.stream_dtype) if plan.staged else self.native
+        if plan.stream_dtype == PACKED:
+            require_packed_kernel(device)
         self._host: list[HostLayer | None] = [None] * self.num_layers
         self._resident_buffers: dict[int, torch.Tensor] = {}
         self._placement = _Placement(device)
         self._encoder_placement: _Placement | None = None  # set while a prompt is being encoded
         self._ring: SlotRing | None = None
         self._copy_stream: torch.cuda.Stream | None = None
-        self._dequant_stream: torch.cuda.Stream | None = None  # fp8 streaming only
+        self._dequant_stream: torch.cuda.Stream | None = None  # staged streaming only
         self._queue: deque[_Use] = deque()  # issued copies, in order
         self._next_pos = 0  # position in `_streamed` of the next copy
         self._next_slot = 0
-        self._next_compute = 0  # fp8: the compute buffer the next layer is dequantised into
+        self._next_compute = 0  # staged: the compute buffer the next layer is decoded into
         self._streamed: list[int] = []
         self._loaded = False
         self._events = _EventPool()
@@ -311,14 +314,13 @@ class OffloadEngine:
         pinned = self.plan.pinned and self.is_cuda
         if not self.plan.pinned and self.is_cuda:
             log.warning("pinned=False: streaming from pageable host memory, several times slower than pinned")
-        packed = False
         for i, layer in enumerate(self.layers):
             if self._host[i] is None:
                 layout = self.native if i < self.plan.resident_layers else self.stream_layout
                 self._host[i] = pack_layer(layer, layout, pinned)
-                packed = True
-        if packed:
-            return_freed_memory()  # the layers' original tensors
+                # The layer's original tensors, now: glibc would keep their pages until the
+                # last layer is packed, and the process would hold the layers twice meanwhile.
+                return_freed_memory()
 
     def load(self) -> None:
         """Pack host slabs (first time only), place the resident parts, build the slot ring. Idempotent."""
@@ -353,7 +355,7 @@ class OffloadEngine:
         self._resident_buffers[i] = buffer
 
     def _make_host(self, i: int) -> None:
-        """Drop layer i's device copy; the module points at its host slab again (meta for fp8)."""
+        """Drop layer i's device copy; the module points at its host slab again (meta for staged)."""
         self._resident_buffers.pop(i, None)
         host = self._host[i]
         if host.format == NATIVE:
@@ -407,7 +409,7 @@ class OffloadEngine:
 
     def close(self) -> None:
         """unload(), then free the host slabs: the model gets ordinary pageable tensors back
-        (fp8-streamed layers come back dequantised, i.e. with fp8-rounded weights)."""
+        (staged layers come back decoded: fp8 ones with fp8-rounded weights, packed ones exact)."""
         self.unload()
         for i, host in enumerate(self._host):
             if host is not None:
@@ -427,7 +429,7 @@ class OffloadEngine:
             self._arrange(new_plan)  # moves the layers between host and device, re-packs, rebuilds the ring
             if self.is_cuda:
                 torch.cuda.synchronize(self._device)
-                torch.cuda.empty_cache()  # fp8 layers made resident leave their staging buffers cached
+                torch.cuda.empty_cache()  # staged layers made resident leave their staging buffers cached
         else:
             for i in range(min(old, n), max(old, n)):
                 self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
@@ -459,10 +461,11 @@ class OffloadEngine:
         self.plan = self._arranged = plan
 
     def _reformat_host(self, i: int, fmt: str) -> None:
-        """A streamed layer's slab must be in the stream format: re-pack a native slab as fp8.
-        (A resident layer keeps whatever slab it has: an fp8 slab is dequantised on upload.)"""
+        """A streamed layer's slab must be in the stream format: re-pack a native slab in the
+        staged format. (A resident layer keeps whatever slab it has: a staged slab is
+        decoded on upload.)"""
         host = self._host[i]
-        if host is None or fmt != FP8 or host.format == FP8:
+        if host is None or fmt == NATIVE or host.format == fmt:
             return
         layer = self.layers[i]
         point_layer(layer, self.native, host.slab)
@@ -514,7 +517,7 @@ class OffloadEngine:
         self._queue.append(_Use(layer, slot))
 
     def _dequantise(self, use: _Use) -> None:
-        """fp8: enqueue the dequantisation of `use`'s staging slot into the next compute buffer,
+        """Staged: enqueue the decoding of `use`'s staging slot into the next compute buffer,
         after its copy and after the compute stream is done with that buffer's last layer."""
         ring = self._ring
         index = self._next_compute
@@ -637,7 +640,7 @@ class OffloadEngine:
         core = self.model.model
         fixed.update({id(t): t for t in (core.latent_scaling_factor, core.latent_bias_factor)})
         depth = min(self.plan.prefetch_depth, self.num_layers - resident_layers)
-        staged = self.stream_layout.nbytes if self.plan.fp8 else None
+        staged = self.stream_layout.nbytes if self.plan.staged else None
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
             + resident_layers * self.native.nbytes

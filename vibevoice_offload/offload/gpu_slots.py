@@ -7,13 +7,13 @@ structure whose parameters are views into that buffer. Running streamed layer i 
 slab was copied into the slot, set `slot.module.self_attn.layer_idx = i` (the KV cache
 index), call the module.
 
-For fp8 streaming a slot is only an fp8 staging buffer (the layer's fp8 slab bytes): the
-H2D copy lands there, and the weights are dequantised on the GPU (`dequant.py`), on a
-stream of their own, into one of the plan's `compute_buffers` model-dtype compute buffers.
-With two the next layer is dequantised while the current one computes, so the
-dequantisation leaves the compute stream's critical path; one saves a layer of VRAM and
-dequantises each layer just before it runs. A layer's dequantisation is a
-dozen kernels launched from Python; on CUDA each (compute buffer, staging slot) pair's is
+For staged streaming (fp8, bf16-packed) a slot is only a staging buffer (the layer's
+encoded slab bytes): the H2D copy lands there, and the weights are decoded on the GPU
+(`dequant.py`), on a stream of their own, into one of the plan's `compute_buffers`
+model-dtype compute buffers. With two the next layer is decoded while the current one
+computes, so the decoding leaves the compute stream's critical path; one saves a layer of
+VRAM and decodes each layer just before it runs. A layer's decoding is a dozen kernels
+launched from Python; on CUDA each (compute buffer, staging slot) pair's is
 captured as a CUDA graph the second time it is used and replayed after that, one launch a
 layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
 bound by the ring's depth, not by the host.)
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..cuda_graphs import GraphPool
 from .dequant import DequantOp, dequant_ops, dequantise
-from .host_slabs import FP8, SlabLayout, point_layer
+from .host_slabs import NATIVE, SlabLayout, point_layer
 
 def make_shell(template: nn.Module) -> nn.Module:
     """A structural copy of `template` whose tensors are on the meta device (no data copied)."""
@@ -54,18 +54,18 @@ class Slot:
     """One ring slot: the device buffer a streamed layer's host slab is copied into."""
 
     index: int
-    buffer: torch.Tensor  # flat uint8: NATIVE layout (bf16 streaming) or FP8 staging layout
-    module: nn.Module | None  # bf16: the layer module running from `buffer`; fp8: None
+    buffer: torch.Tensor  # flat uint8: NATIVE layout (bf16 streaming) or a staged format's layout
+    module: nn.Module | None  # bf16: the layer module running from `buffer`; staged: None
     layer: int | None = None  # the layer whose copy was last issued into this slot
     copy_done: torch.cuda.Event | None = None  # recorded on the copy stream once the slot holds `layer`
     # Recorded when the slot may be overwritten: bf16, on the compute stream after `layer`
-    # ran; fp8, on the dequantisation stream after `layer` was dequantised out of it.
+    # ran; staged, on the dequantisation stream after `layer` was decoded out of it.
     free: torch.cuda.Event | None = None
 
 
 @dataclass
 class ComputeBuffer:
-    """fp8 streaming: a model-dtype layer buffer and module that staged layers are dequantised into."""
+    """Staged streaming: a model-dtype layer buffer and module that staged layers are decoded into."""
 
     buffer: torch.Tensor  # flat uint8, NATIVE layout
     module: nn.Module
@@ -76,7 +76,7 @@ class ComputeBuffer:
 
 def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
-    slots; fp8, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
+    slots; staged, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
     compute buffers."""
     if depth == 0:
         return 0
@@ -89,10 +89,11 @@ class SlotRing:
     bf16 (NATIVE) streaming: each slot is a compute slot with its own slot module; the layer
     runs straight from the slot it was copied into.
 
-    fp8 streaming: each slot is only an fp8 staging buffer (half a layer), and the layers
-    run from `compute_buffers` shared compute buffers that the engine dequantises into, in
-    turn. A staging slot is free as soon as its layer is dequantised, so the copy stream
-    never waits for compute: the ring runs `depth` layers ahead for half the bytes per slot.
+    Staged streaming: each slot is only a staging buffer (fp8: half a layer, bf16-packed:
+    three quarters), and the layers run from `compute_buffers` shared compute buffers that
+    the engine decodes into, in turn. A staging slot is free as soon as its layer is
+    decoded, so the copy stream never waits for compute: the ring runs `depth` layers ahead
+    for a fraction of a layer per slot.
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class SlotRing:
     ) -> None:
         if depth < 1:
             raise ValueError("a slot ring needs at least one slot")
-        self.staged = stream.format == FP8
+        self.staged = stream.format != NATIVE
         if self.staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
             self.computes: list[ComputeBuffer] = []

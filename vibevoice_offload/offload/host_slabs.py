@@ -11,11 +11,14 @@ dtype, role) serves every layer of a format:
 - "native": every parameter and buffer in its own dtype (the model dtype for bf16 models;
   a checkpoint loaded with fp8 layers keeps its fp8 weights and scales as they are);
 - "fp8": each `nn.Linear` weight as float8_e4m3fn plus one float32 scale per output row
-  (row-wise, as `fp8.quantize_fp8`), everything else (biases, norms) in its own dtype.
+  (row-wise, as `fp8.quantize_fp8`), everything else (biases, norms) in its own dtype;
+- "bf16-packed": each `nn.Linear` weight in the lossless 12-bit format of
+  `bf16_packing` (low bytes, 4-bit codes, base, exceptions), everything else as it is.
 
-After packing, the layer module's tensors are views into the slab (native) or released
-to the meta device (fp8: the quantised copy is the only host copy), so host RAM holds each
-layer once.
+The two encoded formats are "staged": a GPU copy of such a slab is decoded into a NATIVE
+buffer before the layer runs (`dequant.py`). After packing, the layer module's tensors are
+views into the slab (native) or, for an encoded weight, released to the meta device (the
+encoded copy is the only host copy), so host RAM holds each layer once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bf16_packing import PackedBf16, pack_bf16, packed_nbytes, unpack_bf16
 from ..fp8 import FP8_DTYPE, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ ALIGN = 256  # bytes; every tensor view starts on a 256-byte boundary (vectorise
 
 NATIVE = "native"
 FP8 = "fp8"
+PACKED = "bf16-packed"
+STAGED_FORMATS = (FP8, PACKED)
+
+_PACKED_PARTS = tuple(PackedBf16._fields[1:])  # after `low`, which takes the weight's own name
 
 
 def _align(n: int) -> int:
@@ -50,7 +58,9 @@ class SlabEntry:
     offset: int  # bytes from the slab's start
     shape: tuple[int, ...]
     dtype: torch.dtype
-    role: str  # "raw": stored as used; "q": fp8 weight of an nn.Linear; "scale": its float32 row scales
+    # "raw": stored as used; "q": an nn.Linear weight's encoded main part (fp8 values, or the
+    # packed low bytes); "part": the rest of its encoding (fp8 row scales, packed codes...)
+    role: str
     is_param: bool  # a parameter (else a buffer) of its module
 
     @property
@@ -75,7 +85,7 @@ class SlabLayout:
 
     @classmethod
     def build(cls, layer: nn.Module, fmt: str) -> "SlabLayout":
-        if fmt not in (NATIVE, FP8):
+        if fmt not in (NATIVE, *STAGED_FORMATS):
             raise ValueError(f"unknown slab format {fmt!r}")
         linear_weights = {f"{name}.weight" if name else "weight" for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         entries: list[SlabEntry] = []
@@ -90,9 +100,16 @@ class SlabLayout:
         tensors = [(n, t, True) for n, t in layer.named_parameters()] + [(n, t, False) for n, t in layer.named_buffers()]
         for name, tensor, is_param in tensors:
             shape = tuple(tensor.shape)
-            if fmt == FP8 and name in linear_weights and tensor.is_floating_point() and tensor.dim() == 2:
-                add(name, shape, FP8_DTYPE, "q", is_param)
-                add(name + ".__scale", (shape[0],), torch.float32, "scale", False)
+            if fmt != NATIVE and name in linear_weights and tensor.is_floating_point() and tensor.dim() == 2:
+                if fmt == FP8:
+                    add(name, shape, FP8_DTYPE, "q", is_param)
+                    add(name + ".__scale", (shape[0],), torch.float32, "part", False)
+                    continue
+                if tensor.dtype != torch.bfloat16:
+                    raise ValueError(f"{fmt} streaming needs a bf16 model; {name} is {tensor.dtype}")
+                add(name, shape, torch.uint8, "q", is_param)
+                for part, (part_shape, dtype) in packed_nbytes(tensor.numel()).items():
+                    add(f"{name}.__{part}", part_shape, dtype, "part", False)
             else:
                 add(name, shape, tensor.dtype, "raw", is_param)
         return cls(fmt, tuple(entries), offset)
@@ -203,24 +220,43 @@ class HostLayer:
         return self.layout.format
 
 
+def _encode(fmt: str, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An nn.Linear weight in a staged format, by slab entry name."""
+    if fmt == FP8:
+        q, scale = quantize_fp8(weight)
+        return {name: q, name + ".__scale": scale}
+    packed = pack_bf16(weight, name)
+    return {name: packed.low, **{f"{name}.__{part}": getattr(packed, part) for part in _PACKED_PARTS}}
+
+
+def _decode(fmt: str, name: str, slab: torch.Tensor, entries: dict[str, SlabEntry], dtype: torch.dtype) -> torch.Tensor:
+    """The model-dtype weight that entry `name` of a staged slab holds (on the slab's device;
+    the reference decoders, which allocate: `dequant.py` decodes on the GPU without)."""
+    if fmt == FP8:
+        q, scale = entries[name].view(slab), entries[name + ".__scale"].view(slab)
+        return (q.to(torch.float32) * scale[:, None]).to(dtype)
+    parts = {part: entries[f"{name}.__{part}"].view(slab) for part in _PACKED_PARTS}
+    return unpack_bf16(PackedBf16(entries[name].view(slab), **parts))
+
+
 def pack_layer(layer: nn.Module, layout: SlabLayout, pinned: bool) -> HostLayer:
-    """Copy `layer`'s tensors into a new slab (quantising for FP8) and point the layer at it.
+    """Copy `layer`'s tensors into a new slab (encoding a staged format's linear weights) and
+    point the layer at it.
 
     NATIVE: the layer's tensors become views into the slab (no second host copy).
-    FP8: the layer's linear weights are released to meta (the fp8 slab is the host copy);
-    its other tensors become views into the slab."""
+    Staged: the layer's linear weights are released to meta (the encoded slab is the host
+    copy); its other tensors become views into the slab."""
     slab, is_pinned = allocate_slab(layout.nbytes, pinned)
     entries = layout.by_name()
     for entry in layout.entries:
-        if entry.role == "scale":
+        if entry.role == "part":
             continue
         source = _get_tensor(layer, entry.name)
         if source.is_meta:
             raise ValueError(f"decoder layer tensor {entry.name} is on the meta device; nothing to pack")
         if entry.role == "q":
-            q, scale = quantize_fp8(source.detach())
-            entry.view(slab).copy_(q)
-            entries[entry.name + ".__scale"].view(slab).copy_(scale)
+            for name, value in _encode(layout.format, entry.name, source.detach()).items():
+                entries[name].view(slab).copy_(value)
         else:
             entry.view(slab).copy_(source.detach())
     host = HostLayer(slab, layout, is_pinned)
@@ -255,24 +291,22 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def dequantize_host(host: HostLayer, native: SlabLayout, dtype_of: dict[str, torch.dtype]) -> torch.Tensor:
-    """A NATIVE-layout pageable copy of a host layer (dequantising fp8 weights on the CPU)."""
+def decode_host(host: HostLayer, native: SlabLayout) -> torch.Tensor:
+    """A NATIVE-layout pageable copy of a staged host layer, decoded on the CPU."""
     flat = torch.empty(native.nbytes, dtype=torch.uint8)
     src = host.layout.by_name()
     for entry in native.entries:
-        s = src[entry.name]
-        if s.role == "q":
-            q = s.view(host.slab)
-            scale = src[entry.name + ".__scale"].view(host.slab)
-            entry.view(flat).copy_((q.to(torch.float32) * scale[:, None]).to(entry.dtype))
+        if src[entry.name].role == "q":
+            entry.view(flat).copy_(_decode(host.format, entry.name, host.slab, src, entry.dtype))
         else:
-            entry.view(flat).copy_(s.view(host.slab))
+            entry.view(flat).copy_(src[entry.name].view(host.slab))
     return flat
 
 
 def unpack_layer(layer: nn.Module, host: HostLayer, native: SlabLayout) -> None:
     """Give `layer` ordinary pageable tensors again (slab no longer referenced by it).
-    fp8 slabs are dequantised: the layer then holds the fp8-rounded weights."""
-    flat = dequantize_host(host, native, {}) if host.format == FP8 else host.slab.clone()
+    Staged slabs are decoded: an fp8 layer then holds the fp8-rounded weights, a packed
+    one its own weights, bit for bit."""
+    flat = decode_host(host, native) if host.format != NATIVE else host.slab.clone()
     for entry in native.entries:
         _set_tensor(layer, entry, entry.view(flat).clone())
