@@ -107,7 +107,7 @@ def pack_bf16(weight: torch.Tensor, name: str = "weight") -> PackedBf16:
     exception_positions[: len(positions)] = positions.to(torch.int32)
     exception_bytes = high[exception_positions.long()]  # padding: element 0 and its true byte
     base_tensor = torch.tensor([base], dtype=torch.uint8, device=weight.device)
-    return PackedBf16(low.view(weight.shape), codes, base_tensor, exception_positions, exception_bytes)
+    return PackedBf16(low.contiguous().view(weight.shape), codes, base_tensor, exception_positions, exception_bytes)
 
 
 def unpack_bf16(packed: PackedBf16) -> torch.Tensor:
