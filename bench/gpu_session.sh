@@ -11,8 +11,8 @@
 #   tests    GPU tests (-m gpu); the staged formats' decoding kernels (bench/dequant_kernels.py)
 #   verify   GPU tests; then 1.5B, this project, without and with the frame extension (A/B, same machine)
 #   small    GPU tests and the Large decoding kernels; if the tests pass, 1.5B, this project and every peer
-#   large    Large, this project (150 frames) and diffusers
-#   peers    offload_bench: Large's seed design, accelerate and transformers' generate
+#   large    Large, this project (150 frames)
+#   peers    Large, every peer: diffusers, the seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 set -uo pipefail
@@ -49,13 +49,13 @@ case $phase in
     timeout 300 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
-  large)  # after `small`: Large, this project (150 frames) and diffusers
-    timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers \
-      --peer-frames 20 2>&1 | tee "$OUT/bench-Large.log"
+  large)  # after `small`: Large, this project (150 frames)
+    timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours \
+      2>&1 | tee "$OUT/bench-Large.log"
     ;;
-  peers)  # Large's slow peers and transformers' generate
-    timeout 330 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods seed accelerate generate --all-slow \
-      --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
+  peers)  # after `large`: Large's peers and transformers' generate
+    timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods diffusers seed accelerate generate \
+      --all-slow --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

@@ -84,6 +84,13 @@ def pack_bf16(weight: torch.Tensor, name: str = "weight") -> PackedBf16:
     exceptions than the format holds."""
     if weight.dtype != torch.bfloat16:
         raise PackingError(f"{name}: 12-bit packing takes bf16 tensors, got {weight.dtype}")
+    # Inference mode: a dtype view of an inference tensor (a model loaded or unpacked under
+    # inference mode) raises outside it in torch 2.11; packing is never differentiated.
+    with torch.inference_mode():
+        return _pack(weight, name)
+
+
+def _pack(weight: torch.Tensor, name: str) -> PackedBf16:
     numel = weight.numel()
     low, high = _byte_planes(weight.detach())
     histogram = torch.bincount(high, minlength=256)
