@@ -11,7 +11,7 @@ the sign, bits 0-2 the top exponent minus a per-tensor `base`, or 7 for a top ex
 high byte) and written after the codes are expanded.
 
 The exception list has a fixed capacity, `exception_capacity(numel)` (1 in 256 elements;
-Gaussian weights need about 1 in 20,000), so every decoder layer packs into the same slab
+Gaussian weights need about 1 in 3,300), so every decoder layer packs into the same slab
 layout and GPU buffer. Unused entries repeat element 0 with its true high byte: writing
 them is harmless. A tensor with more exceptions than that is refused with a clear error.
 

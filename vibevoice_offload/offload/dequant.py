@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bf16_packing import PackedBf16, unpack_bf16
-from .host_slabs import FP8, PACKED, SlabLayout
+from ..bf16_packing import PackedBf16, pack_bf16, unpack_bf16
+from .host_slabs import FP8, PACKED, SlabLayout, packed_weight
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def dequant_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, stagi
         elif stream.format == FP8:
             ops.append(Fp8Op(out, s.view(staging), src[entry.name + ".__scale"].view(staging)))
         else:
-            parts = {part: src[f"{entry.name}.__{part}"].view(staging) for part in PackedBf16._fields[1:]}
-            ops.append(PackedOp(out, PackedBf16(s.view(staging), **parts)))
+            ops.append(PackedOp(out, packed_weight(src, entry.name, staging)))
     return ops
 
 
@@ -104,10 +103,6 @@ def require_packed_kernel(device: torch.device) -> None:
             f"{PACKED} streaming needs Triton on CUDA and it is unavailable on {device} (see the log); "
             "use stream dtype bf16 (the same bits, 4/3 of the bytes)"
         )
-
-
-def packed_kernel_available(device: torch.device) -> bool:
-    return device.type != "cuda" or _packed_kernel(device) is not None
 
 
 def _triton():
@@ -196,8 +191,6 @@ def _packed_kernel(device: torch.device):
         patch[(triton.cdiv(count, _BLOCK),)](packed.exception_positions, packed.exception_bytes, bits.view(torch.uint8), count, BLOCK=_BLOCK)
 
     def check() -> bool:
-        from ..bf16_packing import pack_bf16
-
         weight = torch.randn(64, 5001, device=device).mul_(0.02).to(torch.bfloat16)
         weight[3, :7] = torch.tensor([0.0, -0.0, 1e-30, -3e30, float("inf"), float("nan"), 1.0])
         packed = pack_bf16(weight)

@@ -229,14 +229,18 @@ def _encode(fmt: str, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor
     return {name: packed.low, **{f"{name}.__{part}": getattr(packed, part) for part in _PACKED_PARTS}}
 
 
+def packed_weight(entries: dict[str, SlabEntry], name: str, flat: torch.Tensor) -> PackedBf16:
+    """Weight `name` of a bf16-packed layout as views into `flat` (a host slab or a staging slot)."""
+    return PackedBf16(entries[name].view(flat), **{part: entries[f"{name}.__{part}"].view(flat) for part in _PACKED_PARTS})
+
+
 def _decode(fmt: str, name: str, slab: torch.Tensor, entries: dict[str, SlabEntry], dtype: torch.dtype) -> torch.Tensor:
     """The model-dtype weight that entry `name` of a staged slab holds (on the slab's device;
     the reference decoders, which allocate: `dequant.py` decodes on the GPU without)."""
     if fmt == FP8:
         q, scale = entries[name].view(slab), entries[name + ".__scale"].view(slab)
         return (q.to(torch.float32) * scale[:, None]).to(dtype)
-    parts = {part: entries[f"{name}.__{part}"].view(slab) for part in _PACKED_PARTS}
-    return unpack_bf16(PackedBf16(entries[name].view(slab), **parts))
+    return unpack_bf16(packed_weight(entries, name, slab))
 
 
 def pack_layer(layer: nn.Module, layout: SlabLayout, pinned: bool) -> HostLayer:
