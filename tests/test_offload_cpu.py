@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
+from vibevoice_offload.bf16_packing import PackingError
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import GenerationSettings
 from vibevoice_offload.offload import OffloadEngine, SlabLayout
@@ -177,6 +178,29 @@ def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference
     # closing decodes the slabs: the model holds its own weights again, bit for bit
     again = vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform
     assert torch.equal(again, reference_bf16)
+
+
+def test_a_weight_the_packing_cannot_hold_is_named_and_nothing_is_lost(tiny_model_dir, reference, reference_bf16):
+    """Weights far outside one scale (here a quarter of layer 2's up_proj) are refused by
+    layer and name; the model is untouched, so bf16 streaming then gives the reference audio."""
+    voices, _ = reference
+    vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
+    weight = vv.model.model.language_model.layers[2].mlp.up_proj.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[::4] *= 2.0**40  # its values' high bytes scatter far beyond 14 binades
+        weight.view(-1)[1::4] *= 2.0**-40
+    changed = weight.detach().clone()
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "bf16-packed"), "cpu")
+    with pytest.raises(PackingError, match=r"decoder layer 2 mlp\.up_proj\.weight: \d+ of \d+ values .* stream this model as bf16"):
+        engine.load()
+    engine.close()
+    assert torch.equal(vv.model.model.language_model.layers[2].mlp.up_proj.weight, changed)
+    with torch.no_grad():
+        vv.model.model.language_model.layers[2].mlp.up_proj.weight.copy_(original)
+    bf16 = OffloadEngine(vv.model, OffloadPlan(1, "bf16"), "cpu")
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=bf16).waveform, reference_bf16)
+    bf16.close()
 
 
 # --- the ring ----------------------------------------------------------------------------------------

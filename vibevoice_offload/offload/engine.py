@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bf16_packing import PackingError
 from ..plan import OffloadPlan
 from .dequant import dequant_ops, dequantise, require_packed_kernel
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
@@ -317,10 +318,18 @@ class OffloadEngine:
         for i, layer in enumerate(self.layers):
             if self._host[i] is None:
                 layout = self.native if i < self.plan.resident_layers else self.stream_layout
-                self._host[i] = pack_layer(layer, layout, pinned)
+                self._host[i] = self._pack_layer(i, layout, pinned)
                 # The layer's original tensors, now: glibc would keep their pages until the
                 # last layer is packed, and the process would hold the layers twice meanwhile.
                 return_freed_memory()
+
+    def _pack_layer(self, i: int, layout: SlabLayout, pinned: bool) -> HostLayer:
+        """Layer i in a new slab; a weight the format cannot hold is named with its layer (the
+        layer is left as it was: packing encodes every tensor before it releases any)."""
+        try:
+            return pack_layer(self.layers[i], layout, pinned)
+        except PackingError as exc:
+            raise PackingError(f"decoder layer {i} {exc}") from exc
 
     def load(self) -> None:
         """Pack host slabs (first time only), place the resident parts, build the slot ring. Idempotent."""
@@ -467,9 +476,8 @@ class OffloadEngine:
         host = self._host[i]
         if host is None or fmt == NATIVE or host.format == fmt:
             return
-        layer = self.layers[i]
-        point_layer(layer, self.native, host.slab)
-        self._host[i] = pack_layer(layer, self.stream_layout, host.pinned)
+        point_layer(self.layers[i], self.native, host.slab)
+        self._host[i] = self._pack_layer(i, self.stream_layout, host.pinned)
         del host
 
     # --- the ring -----------------------------------------------------------------------------
