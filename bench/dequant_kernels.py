@@ -18,6 +18,7 @@ one block of keys per format.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -67,13 +68,10 @@ def main() -> int:
     layer = Qwen2DecoderLayer(text, 0).to("cuda", torch.bfloat16).eval()
     for p in layer.parameters():
         p.data.normal_(0, 0.02)
+    host_layer = copy.deepcopy(layer).cpu()  # what each format's host slab is packed from
     native = SlabLayout.build(layer, NATIVE)
-    weights = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")
-    host_layer = Qwen2DecoderLayer(text, 0).to(torch.bfloat16)
-    host_layer.load_state_dict(layer.state_dict())
+    weights = pack_layer(copy.deepcopy(host_layer), native, pinned=False).slab.to("cuda")
     point_layer(layer, native, weights)  # the step below runs from `weights`, like a compute buffer
-    for name, t in host_layer.state_dict().items():
-        native.by_name()[name].view(weights).copy_(t)
     rows: dict[str, float] = {"layer_gb": native.nbytes / 1e9}
 
     # a decode step of both CFG branches with 400 cached positions
@@ -95,9 +93,7 @@ def main() -> int:
 
     for fmt, kernel in ((FP8, _fp8_kernel), (PACKED, _packed_kernel)):
         stream = SlabLayout.build(host_layer, fmt)
-        source = Qwen2DecoderLayer(text, 0).to(torch.bfloat16)
-        source.load_state_dict(host_layer.state_dict())
-        host = pack_layer(source, stream, pinned=True)
+        host = pack_layer(copy.deepcopy(host_layer), stream, pinned=True)
         staging = torch.empty(stream.nbytes, dtype=torch.uint8, device="cuda")
         staging[: host.nbytes].copy_(host.slab)
         out = torch.empty(native.nbytes, dtype=torch.uint8, device="cuda")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Host RAM of the engine at a released model's real shapes, stage by stage.
 
-    python bench/host_ram.py [1.5B|Large] [--resident 7] [--stream-dtype bf16|fp8] [--device cpu|cuda]
+    python bench/host_ram.py [1.5B|Large] [--resident 7] [--stream-dtype bf16|bf16-packed|fp8] [--device cpu|cuda]
 
 Builds the model with random weights in host memory, packs it with an `OffloadEngine` (on
 the CPU its slabs are what a GPU engine pins), and records the process's anonymous RSS
