@@ -14,9 +14,11 @@
 #   large    Large, this project (150 frames)
 #   peers    Large, every peer: diffusers, the seed design, accelerate and transformers' generate
 #   planner  planner_accuracy (issue 4's table)
+#   encoded  GPU tests; if they pass, 1.5B: this project bf16 and bf16-packed, and diffusers (resumes the JSON)
+#   encoded-large  the same for Large
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -56,6 +58,16 @@ case $phase in
   peers)  # after `large`: Large's peers and transformers' generate
     timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods diffusers seed accelerate generate \
       --all-slow --peer-frames 20 --slow-frames 5 2>&1 | tee "$OUT/bench-Large-peers.log"
+    ;;
+  encoded)  # bf16-packed with encoded residents against bf16 and diffusers, on one machine
+    timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
+    timeout 200 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --methods ours diffusers --dtypes bf16 bf16-packed \
+      --peer-frames 20 2>&1 | tee "$OUT/bench-1.5B-encoded.log"
+    ;;
+  encoded-large)
+    timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers --dtypes bf16 bf16-packed \
+      --peer-frames 20 2>&1 | tee "$OUT/bench-Large-encoded.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

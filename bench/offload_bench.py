@@ -293,7 +293,7 @@ class Bench:
         self.write()
         brief = {k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()
                  if k2 in ("model", "method", "stream_dtype", "budget_gb", "streamed_layers", "ms_per_frame", "rtf", "bound_ms",
-                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "compute_buffers", "resident_layers", "frame_resident_layers", "frame_prefetch_depth", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
+                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "compute_buffers", "encoded_residents", "resident_layers", "frame_resident_layers", "frame_prefetch_depth", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
         log("ROW", json.dumps(brief))
         return row
 
@@ -412,6 +412,7 @@ class Bench:
             res["resident_layers"] = plan.resident_layers
             res["prefetch_depth"] = plan.prefetch_depth
             res["compute_buffers"] = plan.compute_buffers if plan.staged else None
+            res["encoded_residents"] = plan.encoded_residents
             # the frames' residency and ring (the frame extension; the bound's k is the frames')
             res["frame_layers"], res["frame_slots"] = plan.frame_layers, plan.frame_slots
             res["frame_resident_layers"] = stats["offload_frame_resident_layers"]

@@ -104,7 +104,7 @@ def frames_for(predicted_ms: float, quick: bool) -> int:
 def plan_key(plan: OffloadPlan, n: int) -> tuple:
     streamed = n - plan.resident_layers
     return (plan.resident_layers, plan.stream_dtype if streamed else "-", min(plan.prefetch_depth, streamed), plan.embed_on_host,
-            plan.frame_layers, plan.frame_slots, plan.compute_buffers if plan.staged and streamed else None)
+            plan.frame_layers, plan.frame_slots, plan.compute_buffers if plan.staged and streamed else None, plan.encoded_residents)
 
 
 class Accuracy:
@@ -286,7 +286,7 @@ class Accuracy:
             plan = OffloadPlan(
                 row["resident_layers"], row["stream_dtype"], max(row.get("prefetch_depth") or 2, 2), True,
                 row.get("embed_on_host", False), row.get("frame_layers", 0), row.get("frame_slots", 0),
-                row.get("compute_buffers") or 2,
+                row.get("compute_buffers") or 2, bool(row.get("encoded_residents")),
             )
             row["predicted_ms_per_frame_run_t_resident"] = planner.predict_ms_per_frame(
                 runner.config, plan, self.link, t_res, decoder_ms=self.decoder_ms.get(runner.model_name), dtype=runner.dtype,

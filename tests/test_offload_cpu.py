@@ -158,19 +158,25 @@ def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, comput
     assert torch.equal(streamed, expected)
 
 
-@pytest.mark.parametrize("resident,depth,compute_buffers", [(2, 2, 2), (0, 3, 1), (1, 2, 1), (LAYERS, 2, 2)])
-def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers):
+@pytest.mark.parametrize("resident,depth,compute_buffers,encoded", [
+    (2, 2, 2, False), (0, 3, 1, False), (1, 2, 1, False), (LAYERS, 2, 2, False),
+    (2, 2, 2, True), (1, 2, 1, True), (LAYERS, 2, 1, True), (LAYERS, 2, 2, True),
+])
+def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers, encoded):
     """The 12-bit format loses nothing: the same audio as the resident bf16 model, with the
-    layers decoded into one or two compute buffers. (At these tiny shapes the packed slab is
-    not smaller: each part is aligned to 256 bytes; test_planner checks the real shapes.)"""
+    layers decoded into one or two compute buffers, resident layers too when they are kept
+    encoded. (At these tiny shapes the packed slab is not smaller: each part is aligned to
+    256 bytes; test_planner checks the real shapes.)"""
     voices, _ = reference
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(resident, "bf16-packed", prefetch_depth=depth, compute_buffers=compute_buffers))
+    plan = OffloadPlan(resident, "bf16-packed", prefetch_depth=depth, compute_buffers=compute_buffers, encoded_residents=encoded)
+    vv, engine = engine_for(tiny_model_dir, plan)
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     stats = engine.stats()
     assert torch.equal(out, reference_bf16)
-    if resident < LAYERS:
+    if resident < LAYERS or encoded:
         assert len(engine._ring.computes) == compute_buffers
         assert stats["offload_bytes_streamed"] == stats["offload_copies"] * engine.stream_layout.nbytes
+        assert stats["offload_copies"] == stats["offload_passes"] * (LAYERS - resident) + min(depth, LAYERS - resident)
     layers = vv.model.model.language_model.layers
     if resident < LAYERS:
         assert layers[LAYERS - 1].mlp.up_proj.weight.is_meta  # the packed slab is the only host copy
@@ -208,14 +214,14 @@ def test_a_weight_the_packing_cannot_hold_is_named_and_nothing_is_lost(tiny_mode
 def _trace(engine):
     """Record (layer, slot) of every copy the engine issues."""
     issued = []
-    original = engine._issue
+    original = engine._issue_copy
 
-    def issue():
-        original()
+    def issue(layer):
+        original(layer)
         use = engine._queue[-1]
         issued.append((use.layer, use.slot.index))
 
-    engine._issue = issue
+    engine._issue_copy = issue
     return issued
 
 
@@ -249,20 +255,78 @@ def test_an_aborted_pass_resyncs_the_ring(tiny_model_dir, reference):
     engine.close()
 
 
+@pytest.mark.parametrize("resident,depth,compute_buffers", [(2, 2, 1), (1, 3, 2), (3, 2, 2)])
+def test_encoded_residents_are_decoded_in_turn_and_never_copied(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers):
+    """Encoded residents: every layer is decoded in order each pass, each resident from its own
+    fixed slot; the copies are the streamed layers' only, cyclic, into the rotating slots;
+    a resident layer costs its packed bytes on the device."""
+    voices, _ = reference
+    plan = OffloadPlan(resident, "bf16-packed", depth, compute_buffers=compute_buffers, encoded_residents=True)
+    vv, engine = engine_for(tiny_model_dir, plan)
+    issued = _trace(engine)
+    decoded = []
+    original = engine._dequantise
+
+    def dequantise(use):
+        decoded.append((use.layer, use.slot.index, use.copied))
+        original(use)
+
+    engine._dequantise = dequantise
+    engine.load()
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, reference_bf16)
+    streamed = list(range(resident, LAYERS))
+    slots = min(depth, len(streamed))
+    assert [layer for layer, _ in issued] == [streamed[c % len(streamed)] for c in range(len(issued))]
+    assert [slot for _, slot in issued] == [c % slots for c in range(len(issued))]
+    assert [layer for layer, _, _ in decoded] == [c % LAYERS for c in range(len(decoded))]
+    fixed = {layer: slot for layer, slot, copied in decoded if not copied}
+    assert sorted(fixed) == list(range(resident)) and sorted(set(fixed.values())) == list(range(slots, slots + resident))
+    _, streaming_all = engine_for(tiny_model_dir, OffloadPlan(0, "bf16-packed", depth, compute_buffers=compute_buffers, encoded_residents=True))
+    streaming_all.load()
+    ring_change = engine.slot_bytes - streaming_all.slot_bytes  # fewer staging slots when few layers stream
+    assert engine.resident_bytes - streaming_all.resident_bytes == resident * engine.stream_layout.nbytes + ring_change
+    engine.close(), streaming_all.close()
+
+
+def test_set_plan_switches_between_decoded_and_encoded_residents(tiny_model_dir, reference, reference_bf16):
+    """set_plan (between loads, as the benchmark and ComfyUI use it) may keep the residents
+    packed or decoded: slabs are re-packed where needed, and every run gives the same bits."""
+    voices, _ = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "bf16-packed"))
+    plans = [OffloadPlan(3, "bf16-packed", encoded_residents=True), OffloadPlan(1, "bf16-packed"), OffloadPlan(LAYERS, "bf16-packed", encoded_residents=True)]
+    outs = [vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform]
+    for plan in plans:
+        engine.unload()
+        engine.set_plan(plan)
+        outs.append(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform)
+        assert engine.resident_bytes == engine.resident_bytes_for(plan.resident_layers)
+    assert all(torch.equal(o, reference_bf16) for o in outs)
+    assert all(h.format == PACKED for h in engine._host)
+    engine.close()
+
+
+def test_encoded_residents_need_bf16_packed(tiny_model_dir):
+    vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
+    for stream_dtype in ("bf16", "fp8"):
+        with pytest.raises(ValueError, match="encoded_residents needs stream_dtype 'bf16-packed'"):
+            OffloadEngine(vv.model, OffloadPlan(2, stream_dtype, encoded_residents=True), "cpu")
+
+
 # --- the frame extension ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
-def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, reference, reference_bf16, stream_dtype):
+@pytest.mark.parametrize("stream_dtype,encoded", [("bf16", False), ("fp8", False), ("bf16-packed", False), ("bf16-packed", True)])
+def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, reference, reference_bf16, stream_dtype, encoded):
     """Frames run with 2 more resident layers and a deeper ring (1 streamed layer, so a ring of
     one slot): the same audio as the plan without the extension, every layer the prompt passes
     stream crosses once per pass, the frames stream only the last layer, and after the run
-    the engine holds exactly what it held before."""
+    the engine holds exactly what it held before. Encoded residents copy the same layers."""
     voices, ref = reference
-    base = OffloadPlan(1, stream_dtype, prefetch_depth=2)
+    base = OffloadPlan(1, stream_dtype, prefetch_depth=2, encoded_residents=encoded)
     vv, engine = engine_for(tiny_model_dir, base)
     without = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     engine.close()
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, stream_dtype, prefetch_depth=2, frame_layers=2, frame_slots=1))
+    extended = OffloadPlan(1, stream_dtype, prefetch_depth=2, frame_layers=2, frame_slots=1, encoded_residents=encoded)
+    vv, engine = engine_for(tiny_model_dir, extended)
     issued = _trace(engine)
     engine.load()
     before = engine.resident_bytes
@@ -271,7 +335,7 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
 
     def begin_frames():
         original()
-        arranged.append((engine.resident_bytes, len(engine._streamed), len(engine._ring)))
+        arranged.append((engine.resident_bytes, len(engine._cycle), len(engine._ring)))
 
     engine.begin_frames = begin_frames
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
@@ -280,10 +344,12 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
     if stream_dtype != "fp8":
         assert torch.equal(out.waveform, ref.waveform if stream_dtype == "bf16" else reference_bf16)
     layer = engine.native.nbytes
+    resident_layer = engine.stream_layout.nbytes if encoded else layer
     # frames: 2 more layers on the device, the ring shrinks to the one layer left to stream
     slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # staged: staging + compute buffers
-    assert arranged == [(before - engine._ring.nbytes + 2 * layer + slot, 1, 1)]
-    assert engine.resident_bytes == before and engine._streamed == [1, 2, 3] and len(engine._ring) == 2
+    cycle = [0, 1, 2, 3] if encoded else [1, 2, 3]  # the layers that run from the ring
+    assert arranged == [(before - engine._ring.nbytes + 2 * resident_layer + slot, len(cycle) - 2 * (not encoded), 1)]
+    assert engine.resident_bytes == before and engine._cycle == cycle and len(engine._ring) == 2
     # the prompt pass (both branches at once) streams layers 1-3 with the base ring primed on
     # load and running on into the next pass; the frames' ring of one slot streams layer 3
     # once per pass (primed, then one copy per pass); the run's end re-primes the base ring
@@ -348,10 +414,10 @@ def test_embed_on_host_is_not_resident(tiny_model_dir):
     a.close(), b.close()
 
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
-def test_set_resident_layers_down_and_up(tiny_model_dir, reference, reference_bf16, stream_dtype):
+@pytest.mark.parametrize("stream_dtype,encoded", [("bf16", False), ("fp8", False), ("bf16-packed", False), ("bf16-packed", True)])
+def test_set_resident_layers_down_and_up(tiny_model_dir, reference, reference_bf16, stream_dtype, encoded):
     voices, ref = reference
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, stream_dtype))
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, stream_dtype, encoded_residents=encoded))
     engine.load()
     outs = [vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform]
     for n in (1, 3, 0, LAYERS):

@@ -6,6 +6,7 @@ measurable time. Skipped without CUDA (conftest: the `gpu` marker).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from unittest import mock
@@ -94,13 +95,14 @@ def test_bf16_streaming_is_bit_identical_to_resident(mid_dir, voices):
     print("bf16 stats", stats)
 
 
-@pytest.mark.parametrize("compute_buffers", [2, 1])
-def test_packed_streaming_is_bit_identical_to_resident(mid_dir, voices, compute_buffers):
+@pytest.mark.parametrize("compute_buffers,encoded", [(2, False), (1, False), (2, True), (1, True)])
+def test_packed_streaming_is_bit_identical_to_resident(mid_dir, voices, compute_buffers, encoded):
     """bf16-packed streaming (12 bits a weight, decoded on the GPU by the Triton kernels)
-    writes the resident model's bits, every graph on, with fewer bytes per copy than bf16."""
+    writes the resident model's bits, every graph on, with fewer bytes per copy than bf16;
+    with encoded residents too (the resident layers decoded from their fixed slots)."""
     settings = GenerationSettings(cfg=1.3, steps=5, seed=11, max_frames=12)
     reference = resident_reference(mid_dir, voices, settings)
-    plan = OffloadPlan(2, "bf16-packed", prefetch_depth=3, compute_buffers=compute_buffers)
+    plan = OffloadPlan(2, "bf16-packed", prefetch_depth=3, compute_buffers=compute_buffers, encoded_residents=encoded)
     streamed, stats = run_engine(mid_dir, voices, settings, plan)
     assert streamed.stats["decoder_layer_graphs"] > 0 and streamed.stats["speech_graph"]
     assert torch.equal(reference.waveform, streamed.waveform), (reference.waveform - streamed.waveform).abs().max()
@@ -188,10 +190,13 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
 
 
-@pytest.mark.parametrize("stream_dtype,compute_buffers", [("fp8", 2), ("fp8", 1), ("bf16-packed", 1)])
-def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers):
+@pytest.mark.parametrize("stream_dtype,compute_buffers,encoded", [
+    ("fp8", 2, False), ("fp8", 1, False), ("bf16-packed", 1, False), ("bf16-packed", 2, True),
+])
+def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers, encoded):
     vv = load(mid_dir)
-    engine = OffloadEngine(vv.model, OffloadPlan(1, stream_dtype, prefetch_depth=5, compute_buffers=compute_buffers), "cuda")
+    plan = OffloadPlan(2 if encoded else 1, stream_dtype, prefetch_depth=5, compute_buffers=compute_buffers, encoded_residents=encoded)
+    engine = OffloadEngine(vv.model, plan, "cuda")
     engine.load()
     prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
     keys = ("segment.all.allocated", "num_alloc_retries", "num_device_alloc")
@@ -394,8 +399,8 @@ def test_reserved_memory_returns_after_each_run(mid_dir, voices):
     assert reserved[-1] <= reserved[1]
 
 
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
-def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
+@pytest.mark.parametrize("stream_dtype,encoded", [("bf16", False), ("fp8", False), ("bf16-packed", False), ("bf16-packed", True)])
+def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype, encoded):
     """Frames with 3 more resident layers and a deeper ring (all graphs on) write the same
     bits as the plan without them; the extension is on the device during the frames only:
     allocated memory is back to its level once the run ends."""
@@ -403,7 +408,8 @@ def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
     vv = load(mid_dir)
     prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
     runs = {}
-    for plan in (OffloadPlan(1, stream_dtype, 2), OffloadPlan(1, stream_dtype, 2, frame_layers=3, frame_slots=2)):
+    plain_plan = OffloadPlan(1, stream_dtype, 2, encoded_residents=encoded)
+    for plan in (plain_plan, dataclasses.replace(plain_plan, frame_layers=3, frame_slots=2)):
         engine = OffloadEngine(vv.model, plan, "cuda")
         engine.load()
         torch.cuda.synchronize()
@@ -416,7 +422,7 @@ def test_frame_extension_on_gpu(mid_dir, voices, stream_dtype):
         result = FrameLoop(vv.model, engine).run(prompt, settings, on_frame)
         torch.cuda.synchronize()
         runs[plan.frame_layers] = (result, engine.stats(), during, torch.cuda.memory_allocated() - before)
-        layer_bytes = engine.native.nbytes
+        layer_bytes = engine.stream_layout.nbytes if encoded else engine.native.nbytes
         engine.close()
         del engine
         gc.collect()

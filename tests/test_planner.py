@@ -260,43 +260,66 @@ def test_auto_with_a_fixed_depth_picks_the_most_layers_that_fit(large, budget_gb
 
 
 def _ring_shapes(config, budget: int, stream_dtype: str) -> list[OffloadPlan]:
-    """Brute force: every ring auto weighs (depth 2..28; fp8 with two compute buffers or
-    one), each with the most resident layers whose estimate fits."""
+    """Brute force: every ring auto weighs (depth 2..28; a staged format with two compute
+    buffers or one; bf16-packed with decoded or encoded residents), each with the most
+    resident layers whose estimate fits."""
     shapes = []
-    for compute_buffers in (2, 1) if stream_dtype == "fp8" else (2,):
-        for depth in range(2, 29):
-            fits = [
-                r for r in range(29)
-                if _estimate(config, OffloadPlan(r, stream_dtype, depth, compute_buffers=compute_buffers)).total_vram <= budget
-            ]
-            if fits:
-                shapes.append(OffloadPlan(max(fits), stream_dtype, depth, compute_buffers=compute_buffers))
+    for encoded in (False, True) if stream_dtype == "bf16-packed" else (False,):
+        for compute_buffers in (2, 1) if stream_dtype != "bf16" else (2,):
+            for depth in range(2, 29):
+                shape = OffloadPlan(0, stream_dtype, depth, compute_buffers=compute_buffers, encoded_residents=encoded)
+                fits = [r for r in range(29) if _estimate(config, dataclasses.replace(shape, resident_layers=r)).total_vram <= budget]
+                if fits:
+                    shapes.append(dataclasses.replace(shape, resident_layers=max(fits)))
     return shapes
 
 
 @pytest.mark.parametrize("budget_gb", [7, 8, 10, 12, 16, 24])
-@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
 @pytest.mark.parametrize("link_gbps", [25.0, 55.0])
 def test_auto_chooses_the_fastest_ring_that_fits(large, budget_gb, stream_dtype, link_gbps):
     """auto's plan is one of the brute-forced ring shapes, fits, and no shape is predicted
     more than AUTO_DEPTH_GAIN faster; within one compute-buffer count a deeper ring never
-    holds more resident layers, and one compute buffer never fewer than two."""
+    holds more resident layers, one compute buffer never fewer than two, and encoded
+    residents never fewer than decoded ones."""
     budget = int(budget_gb * GB)
     plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, frame_extension=False)
     shapes = _ring_shapes(large, budget, stream_dtype)
     assert _estimate(large, plan).total_vram <= budget
-    if plan.resident_layers == 28:
+    if plan.resident_layers == 28 and not plan.encoded_residents:
         assert plan == OffloadPlan(28, stream_dtype)
         return
     assert plan in shapes
     ms = predict_ms_per_frame(large, plan, link_gbps)
     for other in shapes:
         assert predict_ms_per_frame(large, other, link_gbps) >= ms * (1 - planner.AUTO_DEPTH_GAIN) - 1e-9, other
-    by_shape = {(s.compute_buffers, s.prefetch_depth): s.resident_layers for s in shapes}
-    for (buffers, depth), resident in by_shape.items():
-        assert resident <= by_shape[(buffers, 2)]
-        if buffers == 2 and (1, depth) in by_shape:
-            assert by_shape[(1, depth)] >= resident
+    by_shape = {(s.encoded_residents, s.compute_buffers, s.prefetch_depth): s.resident_layers for s in shapes}
+    for (encoded, buffers, depth), resident in by_shape.items():
+        assert resident <= by_shape[(encoded, buffers, 2)]
+        if buffers == 2 and (encoded, 1, depth) in by_shape:
+            assert by_shape[(encoded, 1, depth)] >= resident
+        if encoded:
+            assert resident >= by_shape.get((False, buffers, depth), 0)
+
+
+def test_encoded_residents_hold_a_third_more_layers_where_the_link_bounds_the_frame(large, small):
+    """bf16-packed at the H100 benchmark's budgets: auto keeps the residents encoded where
+    the frame waits on the link (more layers in the same VRAM, fewer bytes streamed), and
+    only there: with every layer fitting decoded, nothing is decoded."""
+    work = Workload((120_000, 120_000), 60, 152)
+    options = dict(stream_dtype="bf16-packed", workload=work, link_gbps=55.0, embed_on_host=True)
+    for config, budget_gb in ((large, 8), (large, 12), (small, 4)):
+        plan = plan_auto(config, budget_gb * GB, **options)
+        assert plan.encoded_residents, (budget_gb, plan)
+        assert _estimate(config, plan, work).total_vram <= budget_gb * GB
+        best_decoded = min(
+            (s for s in _ring_shapes(config, budget_gb * GB, "bf16-packed") if not s.encoded_residents),
+            key=lambda s: predict_ms_per_frame(config, s, 55.0),
+        )
+        assert plan.in_frames().resident_layers > best_decoded.resident_layers
+        assert predict_ms_per_frame(config, plan, 55.0) < predict_ms_per_frame(config, best_decoded, 55.0)
+    assert plan_auto(large, 30 * GB, **options) == OffloadPlan(28, "bf16-packed", embed_on_host=True)
+    assert not plan_auto(large, 30 * GB, stream_dtype="fp8", workload=work, link_gbps=55.0).encoded_residents
 
 
 def test_fp8_fits_where_bf16_does(large, small):
@@ -342,7 +365,9 @@ def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, sma
     assert plan_auto(large, 30 * GB, workload=work, link_gbps=55.0) == OffloadPlan(28, "bf16")  # all resident: no ring
 
 
-@pytest.mark.parametrize("size,budget_gb,stream_dtype", [("1.5B", 3, "bf16"), ("1.5B", 4, "fp8"), ("Large", 8, "bf16"), ("Large", 8, "fp8")])
+@pytest.mark.parametrize("size,budget_gb,stream_dtype", [
+    ("1.5B", 3, "bf16"), ("1.5B", 4, "fp8"), ("Large", 8, "bf16"), ("Large", 8, "fp8"), ("Large", 8, "bf16-packed"),
+])
 def test_frame_extension_spends_only_the_prompts_memory(size, budget_gb, stream_dtype):
     """auto's frame extension lives in the VRAM the voice encoding needed: the plan's VRAM
     stays the same, the frames stay FRAME_EXTENSION_MARGIN under the prompt phase, and the
@@ -360,7 +385,7 @@ def test_frame_extension_spends_only_the_prompts_memory(size, budget_gb, stream_
     assert est.frame_phase <= est.prefill_phase - planner.FRAME_EXTENSION_MARGIN
     sizes = model_sizes(config)
     frames = extended.in_frames()
-    assert est.frame_extension == sum(sizes.layers[plain.resident_layers:frames.resident_layers]) + (
+    assert est.frame_extension == sum(sizes.resident_bytes(i, plain) for i in range(plain.resident_layers, frames.resident_layers)) + (
         planner.ring_bytes(sizes, frames, 28) - planner.ring_bytes(sizes, plain, 28)
     )
     assert planner.bound_ms_per_frame(config, extended, 55.0) == planner.bound_ms_per_frame(config, frames, 55.0)
@@ -437,6 +462,8 @@ def test_manual_plans(large):
     (OffloadPlan(3, "bf16", embed_on_host=1), "embed_on_host"),  # type: ignore[arg-type]
     (OffloadPlan(3, "fp8", compute_buffers=3), "compute_buffers"),
     (OffloadPlan(3, "fp8", compute_buffers=0), "compute_buffers"),
+    (OffloadPlan(3, "fp8", encoded_residents=True), "encoded_residents"),
+    (OffloadPlan(3, "bf16-packed", encoded_residents=1), "encoded_residents"),  # type: ignore[arg-type]
 ])
 def test_validate_names_the_bad_field(plan, field):
     with pytest.raises(ValueError, match=field):
@@ -494,6 +521,14 @@ def test_ring_simulation():
     # first layer's dequantisation overlaps the other part: 10 + 1 + 3 x (2 + 1) ms.
     assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0, compute_buffers=1) == pytest.approx(20.0)
     assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5, compute_buffers=1) == pytest.approx(1.0 + 3.0 + 3 * 3.5)
+    # Encoded residents, nothing streamed: every layer is decoded first. Two buffers hide it
+    # (each layer's decoding runs while the one before computes, the first two during the
+    # other part); with one, only the first layer's decoding overlaps the other part.
+    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(14.0)
+    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True, compute_buffers=1) == pytest.approx(14.0 + 3 * 0.5)
+    # ... and with a streamed layer its copies bound the frame: one slot (one layer to
+    # stream), so each copy also waits for the decoding out of it: 30 + 0.5 ms.
+    assert sim(4, 3, 2, 1.0, 10.0, 30.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(30.5)
 
 
 H100 = Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H100-80GB-HBM3-20261127.json"
@@ -511,7 +546,7 @@ def _h100_config(row, large, small):
 def _h100_plan(row):
     return OffloadPlan(
         row["resident_layers"], row["stream_dtype"], row["prefetch_depth"], True, row["resident_layers"] < 28,
-        row.get("frame_layers", 0), row.get("frame_slots", 0), row.get("compute_buffers") or 2,
+        row.get("frame_layers", 0), row.get("frame_slots", 0), row.get("compute_buffers") or 2, bool(row.get("encoded_residents")),
     )
 
 

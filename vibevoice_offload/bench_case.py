@@ -374,6 +374,7 @@ class CaseRunner:
             "prefetch_depth": min(plan.prefetch_depth, n - plan.resident_layers) if plan.resident_layers < n else 0,
             "embed_on_host": plan.embed_on_host,
             "compute_buffers": plan.compute_buffers if plan.staged else None,
+            "encoded_residents": plan.encoded_residents,
             "frame_layers": plan.frame_layers,
             "frame_slots": plan.frame_slots,
             "frames_requested": frames,
@@ -469,6 +470,8 @@ def describe(row: dict[str, Any]) -> str:
         plan += f", {row['stream_dtype']}, depth {row['prefetch_depth']}"
         if row.get("compute_buffers") == 1:
             plan += ", one compute buffer"
+    if row.get("encoded_residents"):
+        plan += ", residents kept packed"
     if row.get("frame_layers") or row.get("frame_slots"):
         plan += f"; frames +{row['frame_layers']} resident, +{row['frame_slots']} slots"
     budget = "no budget" if row["budget_gb"] is None else f"budget {planner._gb(round(row['budget_gb'] * GB))} GB"

@@ -215,6 +215,11 @@ class ModelSizes:
         by_dtype = {"bf16": self.layers, "bf16-packed": self.layers_packed, "fp8": self.layers_fp8}
         return by_dtype[stream_dtype][index]
 
+    def resident_bytes(self, index: int, plan: OffloadPlan) -> int:
+        """Bytes of decoder layer `index` kept on the GPU under `plan`: packed for encoded
+        residents, else in the model dtype."""
+        return self.stream_bytes(index, plan.stream_dtype) if plan.encoded_residents else self.layers[index]
+
 
 def _align(nbytes: int) -> int:
     return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
@@ -427,7 +432,7 @@ class Estimate:
     resident_weights: int
     """On the GPU for the whole run, what the engine places there (model dtype; buffers in
     their own dtype): the resident decoder layers (each `ModelSizes.layers`, i.e. the
-    engine's 256-byte-aligned layout), final norm, rotary tables, embed_tokens (unless
+    engine's 256-byte-aligned layout; encoded residents `ModelSizes.layers_packed`), final norm, rotary tables, embed_tokens (unless
     `embed_on_host`), diffusion head, acoustic decoder, semantic encoder, both connectors
     and the two latent scalars. The full lm_head never goes to the GPU."""
     slots: int
@@ -437,7 +442,8 @@ class Estimate:
     streaming (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and
     their other parts, biases and norms) plus the plan's `compute_buffers` (1 or 2)
     model-dtype compute buffers that the layers are decoded into in turn, on a stream of
-    their own (with 2, one layer ahead of compute)."""
+    their own (with 2, one layer ahead of compute). Encoded residents need the compute
+    buffers even when nothing is streamed."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
     branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
@@ -478,7 +484,7 @@ class Estimate:
     reserves."""
     host_slabs: int
     """The engine's host slabs, exactly: resident layers in the model dtype (kept for a fast
-    reload), streamed layers in the stream dtype; pinned or pageable per the plan. (An
+    reload; encoded residents packed), streamed layers in the stream dtype; pinned or pageable per the plan. (An
     engine whose residency was changed after packing keeps staged slabs of layers that
     became resident: `set_resident_layers` never re-packs them.)"""
     host_ram: int
@@ -508,21 +514,22 @@ class Estimate:
 
 
 def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
-    """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest streamed
+    """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest decoded
     layer); S = min(prefetch_depth, streamed layers)."""
     streamed = range(plan.resident_layers, num_layers)
-    if not streamed:
+    decoded = plan.decoded_layers(num_layers) if plan.staged else streamed
+    if not decoded:
         return 0
-    native = max(sizes.layers[i] for i in streamed)
-    staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed) if plan.staged else None
-    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers)
+    native = max(sizes.layers[i] for i in decoded)
+    staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in decoded) if plan.staged else None
+    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers, plan.encoded_residents)
 
 
 def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     """`Estimate.frame_extension`: the frame-only resident layers plus the ring's growth."""
     frames = plan.in_frames()
     return (
-        sum(sizes.layers[plan.resident_layers:frames.resident_layers])
+        sum(sizes.resident_bytes(i, plan) for i in range(plan.resident_layers, frames.resident_layers))
         + ring_bytes(sizes, frames, num_layers) - ring_bytes(sizes, plan, num_layers)
     )
 
@@ -559,7 +566,7 @@ def estimate(
         sizes.norm + sizes.diffusion_head + sizes.acoustic_decoder + sizes.semantic_encoder
         + sizes.acoustic_connector + sizes.semantic_connector + sizes.other
     )
-    resident = sum(sizes.layers[:r]) + always + (0 if plan.embed_on_host else sizes.embed_tokens)
+    resident = sum(sizes.resident_bytes(i, plan) for i in range(r)) + always + (0 if plan.embed_on_host else sizes.embed_tokens)
     slots = ring_bytes(sizes, plan, num_layers)
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
@@ -592,7 +599,7 @@ def estimate(
     peak = base + max(prefill, encoder_peak, workspace + extension)
     slack = math.ceil(peak * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_FIXED
 
-    host_slabs = sum(sizes.layers[:r]) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
+    host_slabs = sum(sizes.resident_bytes(i, plan) for i in range(r)) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
     host = host_slabs + always + sizes.embed_tokens + sizes.lm_head + sizes.acoustic_encoder
     return Estimate(
         resident_weights=resident,
@@ -784,7 +791,9 @@ def plan_auto(
     that order: depth 2..N (or only `prefetch_depth` if given) with two compute buffers,
     then for a staged format the same depths with one (a layer less of VRAM: the smallest fp8 ring is
     then bf16's, and at the smallest budgets it is the only one that fits); only
-    `compute_buffers` if given. A ring of S
+    `compute_buffers` if given; then for bf16-packed all of these again with encoded
+    residents (`OffloadPlan.encoded_residents`: a third more resident layers in the same
+    VRAM, each decoded before it runs). A ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run
     (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at
     small budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
@@ -798,16 +807,18 @@ def plan_auto(
     n = config.text_config.num_hidden_layers
     depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
     buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype != "bf16" else (2,)
+    residencies = (False, True) if stream_dtype == "bf16-packed" else (False,)
+    shapes = [(encoded, buffers) for encoded in residencies for buffers in buffer_counts]
     link = link_gbps
     best: OffloadPlan | None = None
     best_ms = math.inf
-    for compute_buffers in buffer_counts:
+    for encoded, compute_buffers in shapes:
         for depth in depths:
-            shape = OffloadPlan(0, stream_dtype, depth, pinned, embed_on_host, compute_buffers=compute_buffers)
+            shape = OffloadPlan(0, stream_dtype, depth, pinned, embed_on_host, compute_buffers=compute_buffers, encoded_residents=encoded)
             candidate, need = _most_resident(config, budget_bytes, shape, dtype, workload)
             if need > budget_bytes:
                 break  # a deeper ring only needs more
-            if candidate.resident_layers == n:
+            if candidate.resident_layers == n and not encoded:
                 return candidate  # no ring at all
             if best is not None and n - candidate.resident_layers < depth:
                 continue  # fewer layers to stream than slots: the same ring as a shallower depth
@@ -1039,6 +1050,7 @@ def simulate_frame_ms(
     staged: bool = False,
     dequant_ms: float = 0.0,
     compute_buffers: int = 2,
+    encoded_residents: bool = False,
     frames: int = 10,
     warmup: int = 4,
 ) -> float:
@@ -1054,39 +1066,48 @@ def simulate_frame_ms(
     `compute_buffers` compute buffers: decoding j starts when copy j is done and layer
     j - compute_buffers has left its buffer (with one, right after the previous layer ran).
     A streamed layer starts when the compute stream is free and its copy (staged: its
-    decoding) is done, and takes `layer_ms`.
+    decoding) is done, and takes `layer_ms`. With `encoded_residents` (staged) the resident
+    layers are decoded too, in the same order and buffers, with nothing to copy.
     So a ring of S slots can only get S layers ahead while the diffusion head and
     tokenizers run: shallow rings leave the link idle there.
     """
     streamed = num_layers - resident
-    if streamed <= 0:
+    decodes_residents = staged and encoded_residents
+    if streamed <= 0 and not decodes_residents:
         return num_layers * layer_ms + other_ms
     depth = min(depth, streamed)
     copy_engine_free = dequant_engine_free = 0.0
     slot_free = [0.0] * depth
     buffer_free = [0.0] * compute_buffers  # staged: when each compute buffer's last layer has run
     copy_done: list[float] = []
+    decodings = 0
     t = 0.0
     starts = []
     for frame in range(frames):
         starts.append(t)
         for layer in range(num_layers):
-            if layer < resident:
+            if layer < resident and not decodes_residents:
                 t += layer_ms
                 continue
-            j = frame * streamed + layer - resident  # this layer's copy in the global order
-            while len(copy_done) < j + depth:  # the ring runs `depth` copies ahead
-                c = len(copy_done)
-                begin = max(copy_engine_free, slot_free[c % depth])
-                copy_engine_free = begin + copy_ms
-                copy_done.append(copy_engine_free)
+            ready = 0.0  # an encoded resident: nothing to copy
+            if layer >= resident:
+                j = frame * streamed + layer - resident  # this layer's copy in the global order
+                while len(copy_done) < j + depth:  # the ring runs `depth` copies ahead
+                    c = len(copy_done)
+                    begin = max(copy_engine_free, slot_free[c % depth])
+                    copy_engine_free = begin + copy_ms
+                    copy_done.append(copy_engine_free)
+                ready = copy_done[j]
             if staged:
-                dequant_engine_free = max(copy_done[j], dequant_engine_free, buffer_free[j % compute_buffers]) + dequant_ms
-                slot_free[j % depth] = dequant_engine_free
+                buffer = decodings % compute_buffers
+                decodings += 1
+                dequant_engine_free = max(ready, dequant_engine_free, buffer_free[buffer]) + dequant_ms
+                if layer >= resident:
+                    slot_free[j % depth] = dequant_engine_free
                 t = max(t, dequant_engine_free) + layer_ms
-                buffer_free[j % compute_buffers] = t
+                buffer_free[buffer] = t
             else:
-                t = max(t, copy_done[j]) + layer_ms
+                t = max(t, ready) + layer_ms
                 slot_free[j % depth] = t
         t += other_ms
     return (t - starts[warmup]) / (frames - warmup)
@@ -1141,13 +1162,16 @@ def predict_ms_per_frame(
     sizes = model_sizes(config, dtype)
     layer_ms = decoder_ms / n
     streamed = range(plan.resident_layers, n)
-    if not streamed:
+    decoded = plan.decoded_layers(n)
+    if not decoded and not streamed:
         return t_resident
-    link = max(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
-    dequant_ms = DECODE_MS_PER_GB[plan.stream_dtype] * max(sizes.layers[i] for i in streamed) / GB if plan.staged else 0.0
+    link = max((sizes.stream_bytes(i, plan.stream_dtype) for i in streamed), default=0)
+    dequant_ms = DECODE_MS_PER_GB[plan.stream_dtype] * max(sizes.layers[i] for i in decoded) / GB if decoded else 0.0
+    other_ms = (t_resident - decoder_ms) * (STREAMING_SLOWS_THE_REST if streamed else 1.0)
     simulated = simulate_frame_ms(
-        n, plan.resident_layers, plan.prefetch_depth, layer_ms, (t_resident - decoder_ms) * STREAMING_SLOWS_THE_REST,
-        _copy_ms(link, link_gbps), staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
+        n, plan.resident_layers, plan.prefetch_depth, layer_ms, other_ms, _copy_ms(link, link_gbps),
+        staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
+        encoded_residents=plan.encoded_residents,
     )
     return max(simulated, bound)
 
@@ -1257,6 +1281,8 @@ def plan_table(
         frames = plan.in_frames()
         extended = f"frames: {frames.resident_layers} resident, depth {min(frames.prefetch_depth, n - frames.resident_layers)}"
         notes = [extended] if frames != plan else []
+        if plan.encoded_residents:
+            notes.insert(0, "residents kept packed")
         if not fits:
             notes.append(f"does not fit (needs {_gb(est.total_vram)} GB)")
         return PlanRow(

@@ -19,6 +19,11 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
   tokenizers of frame t run (and the resident layers 0..R-1 of frame t+1), the first
   streamed layers of frame t+1 are already crossing the link.
 
+Encoded residents (bf16-packed, `plan.encoded_residents`): the resident layers stay on the
+device packed, one "fixed" slot each, and join the cyclic order: each is decoded into a
+compute buffer before it runs, like a streamed layer, with no copy. The order of decoded
+layers is then every layer; the ring still holds `S` copies in flight.
+
 The frame extension: between the prompt pass and the first frame (`begin_frames`) the
 engine makes `plan.frame_layers` more layers resident and rebuilds the ring
 `plan.frame_slots` deeper, in the VRAM that encoding the voice prompts needed; the run's
@@ -106,11 +111,13 @@ class _Placement:
 
 @dataclasses.dataclass
 class _Use:
-    """One issued copy: streamed layer `layer` on its way into `slot`; with staged streaming, the
-    compute buffer it has been dequantised into (None until that is enqueued)."""
+    """One coming use of a layer from the ring: streamed layer `layer` on its way into `slot`
+    (`copied`), or an encoded resident in its fixed slot; with staged streaming, the compute
+    buffer it has been dequantised into (None until that is enqueued)."""
 
     layer: int
     slot: Slot
+    copied: bool = True
     compute: ComputeBuffer | None = None
 
 
@@ -171,10 +178,13 @@ class OffloadEngine:
         self._copy_stream: torch.cuda.Stream | None = None
         self._dequant_stream: torch.cuda.Stream | None = None  # staged streaming only
         self._queue: deque[_Use] = deque()  # issued copies, in order
-        self._next_pos = 0  # position in `_streamed` of the next copy
+        self._next_pos = 0  # position in `_cycle` of the next use
         self._next_slot = 0
         self._next_compute = 0  # staged: the compute buffer the next layer is decoded into
-        self._streamed: list[int] = []
+        # The layers that run from the ring, in order: the streamed ones, and with encoded
+        # residents every layer. `_copies_queued` of the uses in `_queue` are copies.
+        self._cycle: list[int] = []
+        self._copies_queued = 0
         self._loaded = False
         self._events = _EventPool()
         self._pending_copy: deque = deque()
@@ -205,12 +215,12 @@ class OffloadEngine:
         if index == 0 and self.timing:
             self._pass_start = self._events.get()
             self._pass_start.record(torch.cuda.current_stream(self._device))
-        if index < self._arranged.resident_layers:
+        if not self._runs_from_ring(index):
             return self.layers[index]
         if not self._queue or self._queue[0].layer != index:
             self._resync(index)
         use = self._queue[0]
-        if index == self._streamed[0]:
+        if index == self._cycle[0]:
             self._passes += 1
         if self._ring.staged and use.compute is None:
             self._dequantise(use)
@@ -239,13 +249,15 @@ class OffloadEngine:
             end.record(torch.cuda.current_stream(self._device))
             self._pending_pass.append((self._pass_start, end))
             self._pass_start = None
-        if index < self._arranged.resident_layers or not self._queue or self._queue[0].layer != index:
+        if not self._runs_from_ring(index) or not self._queue or self._queue[0].layer != index:
             return
         use = self._queue.popleft()
+        if use.copied:
+            self._copies_queued -= 1
         if self.is_cuda:
             done = use.compute if use.compute is not None else use.slot
             done.free.record(torch.cuda.current_stream(self._device))
-        self._issue()
+        self._fill()
         if self.timing:
             self._harvest(block=False)
 
@@ -317,7 +329,8 @@ class OffloadEngine:
             log.warning("pinned=False: streaming from pageable host memory, several times slower than pinned")
         for i, layer in enumerate(self.layers):
             if self._host[i] is None:
-                layout = self.native if i < self.plan.resident_layers else self.stream_layout
+                decoded_resident = i < self.plan.resident_layers and not self.plan.encoded_residents
+                layout = self.native if decoded_resident else self.stream_layout
                 self._host[i] = self._pack_layer(i, layout, pinned)
                 # The layer's original tensors, now: glibc would keep their pages until the
                 # last layer is packed, and the process would hold the layers twice meanwhile.
@@ -348,6 +361,15 @@ class OffloadEngine:
             torch.cuda.synchronize(self._device)
 
     def _make_resident(self, i: int) -> None:
+        if self._arranged.encoded_residents:
+            self._reformat_host(i, self.stream_layout.format)  # a slab packed while layer i was a decoded resident
+            host = self._host[i]
+            if self._device.type == "cpu":
+                self._resident_buffers[i] = host.slab  # already where it is decoded
+            else:
+                self._resident_buffers[i] = torch.empty(host.nbytes, dtype=torch.uint8, device=self._device)
+                self._resident_buffers[i].copy_(host.slab, non_blocking=True)
+            return
         host = self._host[i]
         if self._device.type == "cpu" and host.format == NATIVE:
             point_layer(self.layers[i], self.native, host.slab)  # already where it runs
@@ -364,27 +386,35 @@ class OffloadEngine:
         self._resident_buffers[i] = buffer
 
     def _make_host(self, i: int) -> None:
-        """Drop layer i's device copy; the module points at its host slab again (meta for staged)."""
+        """Drop layer i's device copy (decoded, or an encoded resident's); the module points at
+        its host slab again (meta for staged)."""
         self._resident_buffers.pop(i, None)
         host = self._host[i]
         if host.format == NATIVE:
             point_layer(self.layers[i], self.native, host.slab)
-        else:
+        elif not self._arranged.encoded_residents:  # an encoded resident never pointed the module at its buffer
             release_layer(self.layers[i], self.native)
 
+    def _runs_from_ring(self, index: int) -> bool:
+        return bool(self._cycle) and index >= self._cycle[0]
+
     def _build_ring(self) -> None:
-        self._streamed = list(range(self._arranged.resident_layers, self.num_layers))
+        arranged = self._arranged
+        first = 0 if arranged.encoded_residents else arranged.resident_layers
+        self._cycle = list(range(first, self.num_layers))
         self._queue.clear()
+        self._copies_queued = 0
         self._next_pos = self._next_slot = self._next_compute = 0
-        if not self._streamed:
+        if not self._cycle:
             return
-        depth = min(self._arranged.prefetch_depth, len(self._streamed))
-        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, self._arranged.compute_buffers, self._device)
+        depth = min(arranged.prefetch_depth, self.num_layers - arranged.resident_layers)
+        fixed = {i: self._resident_buffers[i] for i in range(arranged.resident_layers)} if arranged.encoded_residents else None
+        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, arranged.compute_buffers, self._device, fixed)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
             if self._ring.staged:
                 self._dequant_stream = torch.cuda.Stream(self._device)
-        self._resync(self._streamed[0])  # prime: the prompt pass's first streamed layers start copying now
+        self._resync(self._cycle[0])  # prime: the prompt pass's first streamed layers start copying now
 
     def _drop_ring(self) -> None:
         if self.is_cuda:
@@ -492,15 +522,29 @@ class OffloadEngine:
             compute = torch.cuda.current_stream(self._device)
             for buffer in self._ring.computes if self._ring.staged else self._ring.slots:
                 buffer.free.record(compute)
-        self._next_pos = self._streamed.index(index)
-        for _ in range(len(self._ring)):
-            self._issue()
+        self._next_pos = self._cycle.index(index)
+        self._copies_queued = 0
+        self._fill()
 
-    def _issue(self) -> None:
+    def _fill(self) -> None:
+        """Queue the coming uses in cyclic order until the ring's slots all hold a copy in
+        flight and the next layer needs one: an encoded resident's use costs no slot, and
+        at least two uses are queued (the next layer's decoding can start early)."""
+        while True:
+            layer = self._cycle[self._next_pos]
+            fixed = self._ring.fixed.get(layer)
+            ring_full = self._copies_queued == len(self._ring)
+            if ring_full and (fixed is None or len(self._queue) >= 2):
+                return
+            self._next_pos = (self._next_pos + 1) % len(self._cycle)
+            if fixed is None:
+                self._issue_copy(layer)
+            else:
+                self._queue.append(_Use(layer, fixed, copied=False))
+
+    def _issue_copy(self, layer: int) -> None:
         ring = self._ring
-        layer = self._streamed[self._next_pos]
         slot = ring.slots[self._next_slot]
-        self._next_pos = (self._next_pos + 1) % len(self._streamed)
         self._next_slot = (self._next_slot + 1) % len(ring)
         host = self._host[layer]
         slot.layer = layer
@@ -522,6 +566,7 @@ class OffloadEngine:
             dst.copy_(host.slab)
         self._copies += 1
         self._bytes += host.nbytes
+        self._copies_queued += 1
         self._queue.append(_Use(layer, slot))
 
     def _dequantise(self, use: _Use) -> None:
@@ -581,7 +626,7 @@ class OffloadEngine:
         if self.timing:
             self._harvest(block=True)
         self._stats_consumed = True
-        streamed = len(self._streamed) if self._loaded else self.num_layers - self.plan.resident_layers
+        streamed = self.num_layers - (self._arranged if self._loaded else self.plan).resident_layers
         frames = self.plan.in_frames()
         out: dict[str, Any] = {
             "offload_resident_layers": self.plan.resident_layers,
@@ -589,6 +634,7 @@ class OffloadEngine:
             "offload_frame_prefetch_depth": min(frames.prefetch_depth, self.num_layers - frames.resident_layers),
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
+            "offload_encoded_residents": self.plan.encoded_residents,
             "offload_pinned": all(h is not None and h.pinned for h in self._host[self.plan.resident_layers:]),
             "offload_copies": self._copies,
             "offload_bytes_streamed": self._bytes,
@@ -636,10 +682,13 @@ class OffloadEngine:
             if id(t) not in seen and t.device == self._device:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        total += self._arranged.resident_layers * self.native.nbytes
+        total += self._arranged.resident_layers * self._resident_layer_nbytes(self._arranged)
         if self._ring is not None:
             total += self._ring.nbytes
         return total
+
+    def _resident_layer_nbytes(self, plan: OffloadPlan) -> int:
+        return self.stream_layout.nbytes if plan.encoded_residents else self.native.nbytes
 
     def resident_bytes_for(self, resident_layers: int) -> int:
         """`resident_bytes` after `set_resident_layers(resident_layers)` and `load()`, computed
@@ -651,8 +700,8 @@ class OffloadEngine:
         staged = self.stream_layout.nbytes if self.plan.staged else None
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
-            + resident_layers * self.native.nbytes
-            + ring_nbytes(self.native.nbytes, staged, depth, self.plan.compute_buffers)
+            + resident_layers * self._resident_layer_nbytes(self.plan)
+            + ring_nbytes(self.native.nbytes, staged, depth, self.plan.compute_buffers, self.plan.encoded_residents)
         )
 
     @property

@@ -18,6 +18,10 @@ captured as a CUDA graph the second time it is used and replayed after that, one
 layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
 bound by the ring's depth, not by the host.)
 
+Encoded residents (`OffloadPlan.encoded_residents`): a resident layer kept packed on the
+GPU is a "fixed" slot, filled once, never copied into again, and decoded into the compute
+buffers each pass like the staging slots.
+
 Nothing here allocates after construction.
 """
 
@@ -74,11 +78,12 @@ class ComputeBuffer:
     free: torch.cuda.Event | None = None  # recorded on the compute stream after the layer in `buffer` ran
 
 
-def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int) -> int:
+def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int, decodes_residents: bool = False) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
     slots; staged, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
-    compute buffers."""
-    if depth == 0:
+    compute buffers, which encoded residents need even with nothing streamed (`depth` 0).
+    (The fixed slots of encoded residents are counted as resident layers, not here.)"""
+    if depth == 0 and not decodes_residents:
         return 0
     return depth * native_bytes if staged_bytes is None else compute_buffers * native_bytes + depth * staged_bytes
 
@@ -97,27 +102,37 @@ class SlotRing:
     """
 
     def __init__(
-        self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, compute_buffers: int, device: torch.device
+        self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, compute_buffers: int, device: torch.device,
+        fixed: dict[int, torch.Tensor] | None = None,
     ) -> None:
-        if depth < 1:
+        """`fixed`: encoded residents, layer -> its device buffer in the `stream` layout,
+        already filled on the current stream (the ring records that as their "copy done")."""
+        fixed = fixed or {}
+        if depth < 1 and not fixed:
             raise ValueError("a slot ring needs at least one slot")
         self.staged = stream.format != NATIVE
+        if fixed and not self.staged:
+            raise ValueError("encoded residents need a staged stream layout")
         if self.staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
+            self.fixed = {layer: Slot(depth + k, buffer, None, layer) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
             self.computes: list[ComputeBuffer] = []
             for _ in range(compute_buffers):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-                ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in self.slots]
+                ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in (*self.slots, *self.fixed.values())]
                 self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
         else:
             self.slots = []
+            self.fixed = {}
             for i in range(depth):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
                 self.slots.append(Slot(i, buffer, _layer_module(template, native, buffer)))
             self.computes = []
         if device.type == "cuda":
-            for slot in self.slots:
+            for slot in (*self.slots, *self.fixed.values()):
                 slot.copy_done, slot.free = torch.cuda.Event(), torch.cuda.Event()
+            for slot in self.fixed.values():
+                slot.copy_done.record()
             for compute in self.computes:
                 compute.ready, compute.free = torch.cuda.Event(), torch.cuda.Event()
         self._graphs = GraphPool(device) if self.staged and device.type == "cuda" else None
@@ -126,10 +141,12 @@ class SlotRing:
         self._dequantised: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
+        """The rotating slots (the fixed ones are never copied into)."""
         return len(self.slots)
 
     @property
     def nbytes(self) -> int:
+        """The ring's own buffers: the fixed slots belong to the resident layers."""
         return sum(s.buffer.numel() for s in self.slots) + sum(c.buffer.numel() for c in self.computes)
 
     def dequantise(self, compute: int, slot: Slot) -> None:
@@ -157,4 +174,5 @@ class SlotRing:
             self._graphs.release()
             self._graphs = None
         self.slots.clear()
+        self.fixed.clear()
         self.computes.clear()
