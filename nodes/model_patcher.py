@@ -46,7 +46,7 @@ from ..vibevoice_offload import planner
 from ..vibevoice_offload.config import hop_length
 from ..vibevoice_offload.frame_loop import GenerationResult, GenerationSettings
 from ..vibevoice_offload.pipeline import VibeVoice
-from ..vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan
+from ..vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan, encoded_residents_for
 from ..vibevoice_offload.prompt import build_prompt
 
 log = logging.getLogger("VibeVoiceOffload")
@@ -93,6 +93,12 @@ class OffloadSettings:
         what = {"auto": "auto", "preset": f"preset {self.preset}", "manual": f"manual, {self.resident_layers} resident layers"}[self.mode]
         pinned = self.pinned if pinned is None else pinned
         return f"{what}, stream {self.stream_dtype}, prefetch {self.prefetch_depth}, {'pinned' if pinned else 'pageable'} host memory"
+
+
+def node_plan(resident_layers: int, stream_dtype: str, prefetch_depth: int, pinned: bool) -> OffloadPlan:
+    """The plan the node's engine runs for these settings (bf16-packed keeps its resident
+    layers packed too: ComfyUI's grant holds a third more of them, for the same bits)."""
+    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=encoded_residents_for(stream_dtype))
 
 
 def pinning_allowed(device: torch.device) -> bool:
@@ -156,7 +162,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
     def _plan(self, resident_layers: int) -> OffloadPlan:
         s = self.settings
         pinned = bool(s.pinned) and pinning_allowed(self.engine_device)
-        return OffloadPlan(int(resident_layers), s.stream_dtype, int(s.prefetch_depth), pinned)
+        return node_plan(resident_layers, s.stream_dtype, s.prefetch_depth, pinned)
 
     def _signature(self) -> tuple:
         plan = self._plan(0)

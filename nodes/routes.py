@@ -131,8 +131,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     import torch
 
     from ..vibevoice_offload import planner
-    from ..vibevoice_offload.plan import OffloadPlan
-    from .model_patcher import MODES, STREAM_DTYPES
+    from .model_patcher import MODES, STREAM_DTYPES, node_plan
 
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -171,23 +170,24 @@ def compute_plan(body: dict) -> dict[str, Any]:
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
     # plan_auto rates plans by speed: it must never measure the link from here. The node's
-    # engine keeps two compute buffers for a staged stream dtype (its residency follows ComfyUI's grant).
-    auto_kw = dict(kw, link_gbps=link, compute_buffers=2)
+    # engine keeps two compute buffers for a staged stream dtype, and its residents as
+    # `node_plan` does (its residency follows ComfyUI's grant).
+    auto_kw = dict(kw, link_gbps=link, compute_buffers=2, encoded_residents=node_plan(0, stream_dtype, depth, pinned).encoded_residents)
 
     error = None
     if mode == "auto":
         if budget is None:  # ComfyUI on the CPU grants everything: every layer stays on the device
-            plan = OffloadPlan(n, stream_dtype, depth, pinned)
+            plan = node_plan(n, stream_dtype, depth, pinned)
         else:
             try:
                 plan = planner.plan_auto(config, budget, **auto_kw)
             except planner.PlanError as exc:
-                error, plan = str(exc), OffloadPlan(0, stream_dtype, depth, pinned)
+                error, plan = str(exc), node_plan(0, stream_dtype, depth, pinned)
     else:
         wanted = planner.preset_resident_layers(preset, n) if mode == "preset" else min(resident, n)
         if mode == "manual" and resident > n:
             out["note"] = f"the model has {n} decoder layers: all {n} stay resident"
-        plan = OffloadPlan(wanted, stream_dtype, depth, pinned)
+        plan = node_plan(wanted, stream_dtype, depth, pinned)
         if budget is not None:
             try:
                 if mode == "preset":

@@ -248,6 +248,10 @@ def test_plan_route_answers_json_for_good_and_bad_requests(server):
     assert large["card_vram_bytes"] is None and large["budget_bytes"] is None  # --cpu
     assert 5e9 < large["estimated_vram_bytes"] < 30e9 and large["error"] is None
     assert large["predicted_ms_per_frame"] > 0 and large["rtf"] == pytest.approx(large["predicted_ms_per_frame"] / (1000 * 3200 / 24000))
+    # bf16-packed: the same 9 layers packed on the device too, as the node's engine keeps them,
+    # need less than bf16 despite the larger ring (decoded they would need 0.7 GB more)
+    packed = server.post("/vibevoice_offload/plan", {"size": "Large", "mode": "preset", "preset": "balanced", "stream_dtype": "bf16-packed"})
+    assert packed["resident_layers"] == 9 and packed["estimated_vram_bytes"] < large["estimated_vram_bytes"]
 
     tiny = server.post("/vibevoice_offload/plan", {"model": MODEL, "mode": "manual", "resident_layers": 99})
     assert (tiny["num_layers"], tiny["resident_layers"]) == (4, 4) and "all 4" in tiny["note"]

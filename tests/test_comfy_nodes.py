@@ -428,7 +428,8 @@ def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypa
 
 
 def test_packed_streaming_in_comfyui_writes_the_bf16_audio(pack, model_dirs, voices, clean_models):
-    """The node's bf16-packed choice streams the same bits as bf16 (and says which it ran)."""
+    """The node's bf16-packed choice streams the same bits as bf16 (and says which it ran),
+    its resident layers kept packed on the device."""
     import torch
 
     patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
@@ -436,6 +437,7 @@ def test_packed_streaming_in_comfyui_writes_the_bf16_audio(pack, model_dirs, voi
     for stream_dtype in ("bf16", "bf16-packed"):
         audio, stats = patcher.generate(settings(pack, mode="manual", resident_layers=3, stream_dtype=stream_dtype), SCRIPT, voices, gen_settings(pack))
         assert stats["stream_dtype"] == stream_dtype and stats["engine"]["offload_streamed_layers"] == 5
+        assert stats["engine"]["offload_encoded_residents"] == (stream_dtype == "bf16-packed")
         runs[stream_dtype] = audio
     assert_counters_true(patcher)
     assert torch.equal(runs["bf16"].waveform, runs["bf16-packed"].waveform)

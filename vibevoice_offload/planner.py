@@ -35,7 +35,7 @@ from .errors import VibeVoiceError
 from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
-from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype
+from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, encoded_residents_for
 from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
@@ -781,6 +781,7 @@ def plan_auto(
     decoder_ms: float | None = None,
     frame_extension: bool = True,
     compute_buffers: int | None = None,
+    encoded_residents: bool | None = None,
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
@@ -793,7 +794,7 @@ def plan_auto(
     then bf16's, and at the smallest budgets it is the only one that fits); only
     `compute_buffers` if given; then for bf16-packed all of these again with encoded
     residents (`OffloadPlan.encoded_residents`: a third more resident layers in the same
-    VRAM, each decoded before it runs). A ring of S
+    VRAM, each decoded before it runs; only one kind if `encoded_residents` is given). A ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run
     (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at
     small budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
@@ -807,7 +808,10 @@ def plan_auto(
     n = config.text_config.num_hidden_layers
     depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
     buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype != "bf16" else (2,)
-    residencies = (False, True) if stream_dtype == "bf16-packed" else (False,)
+    if encoded_residents is not None:
+        residencies = (encoded_residents,)
+    else:
+        residencies = (False, True) if stream_dtype == "bf16-packed" else (False,)
     shapes = [(encoded, buffers) for encoded in residencies for buffers in buffer_counts]
     link = link_gbps
     best: OffloadPlan | None = None
@@ -929,9 +933,10 @@ def plan_preset(
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
 ) -> OffloadPlan:
-    """The preset's share of layers resident; with a budget, refuses a preset that does not fit."""
+    """The preset's share of layers resident (`encoded_residents_for` the stream dtype); with a
+    budget, refuses a preset that does not fit."""
     resident = preset_resident_layers(name, config.text_config.num_hidden_layers)
-    plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host)
+    plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded_residents_for(stream_dtype))
     return _checked(config, plan, budget_bytes, dtype, workload, f"preset {name!r} ({resident} resident layers)")
 
 
@@ -947,8 +952,9 @@ def plan_manual(
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
 ) -> OffloadPlan:
-    """Exactly the plan asked for; refused if impossible, or (with a budget) if it does not fit."""
-    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host)
+    """Exactly the plan asked for (`encoded_residents_for` the stream dtype); refused if
+    impossible, or (with a budget) if it does not fit."""
+    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded_residents_for(stream_dtype))
     return _checked(config, plan, budget_bytes, dtype, workload, f"{resident_layers} resident layers")
 
 
