@@ -142,14 +142,15 @@ def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, comput
     from vibevoice_offload.fp8 import quantize_fp8
 
     voices, _ = reference
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=compute_buffers))
+    plan = OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=compute_buffers)
+    vv, engine = engine_for(tiny_model_dir, plan)
     streamed = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     assert len(engine._ring.computes) == compute_buffers
     assert engine.slot_bytes == compute_buffers * engine.native.nbytes + 2 * engine.stream_layout.nbytes
     engine.close()
     rounded = VibeVoice.load(tiny_model_dir, dtype="fp32")
     with torch.no_grad():
-        for layer in rounded.model.model.language_model.layers[2:]:
+        for layer in (rounded.model.model.language_model.layers[i] for i in plan.streamed_indices(LAYERS)):
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     q, scale = quantize_fp8(module.weight)
@@ -197,7 +198,7 @@ def test_a_weight_the_packing_cannot_hold_is_named_and_nothing_is_lost(tiny_mode
         weight.view(-1)[::4] *= 2.0**40  # its values' high bytes scatter far beyond 14 binades
         weight.view(-1)[1::4] *= 2.0**-40
     changed = weight.detach().clone()
-    engine = OffloadEngine(vv.model, OffloadPlan(1, "bf16-packed"), "cpu")
+    engine = OffloadEngine(vv.model, OffloadPlan(0, "bf16-packed"), "cpu")  # layers 0 and 1 are packed first
     with pytest.raises(PackingError, match=r"decoder layer 2 mlp\.up_proj\.weight: \d+ of \d+ values .* stream this model as bf16"):
         engine.load()
     engine.close()
@@ -228,11 +229,12 @@ def _trace(engine):
 @pytest.mark.parametrize("resident,depth", [(1, 2), (0, 3), (2, 2), (0, 2)])
 def test_prefetch_runs_cyclically_across_passes_and_slots_rotate(tiny_model_dir, reference, resident, depth):
     voices, _ = reference
-    vv, engine = engine_for(tiny_model_dir, OffloadPlan(resident, "bf16", prefetch_depth=depth))
+    plan = OffloadPlan(resident, "bf16", prefetch_depth=depth)
+    vv, engine = engine_for(tiny_model_dir, plan)
     issued = _trace(engine)
     engine.load()  # primes the ring: the first `depth` streamed layers
     vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
-    streamed = list(range(resident, LAYERS))
+    streamed = list(plan.streamed_indices(LAYERS))
     depth = min(depth, len(streamed))
     # the copy order is the streamed layers cyclically, wrapping from one pass into the next
     assert [layer for layer, _ in issued] == [streamed[c % len(streamed)] for c in range(len(issued))]
@@ -274,13 +276,13 @@ def test_encoded_residents_are_decoded_in_turn_and_never_copied(tiny_model_dir, 
     engine._dequantise = dequantise
     engine.load()
     assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, reference_bf16)
-    streamed = list(range(resident, LAYERS))
+    streamed = list(plan.streamed_indices(LAYERS))
     slots = min(depth, len(streamed))
     assert [layer for layer, _ in issued] == [streamed[c % len(streamed)] for c in range(len(issued))]
     assert [slot for _, slot in issued] == [c % slots for c in range(len(issued))]
     assert [layer for layer, _, _ in decoded] == [c % LAYERS for c in range(len(decoded))]
     fixed = {layer: slot for layer, slot, copied in decoded if not copied}
-    assert sorted(fixed) == list(range(resident)) and sorted(set(fixed.values())) == list(range(slots, slots + resident))
+    assert sorted(fixed) == sorted(plan.resident_indices(LAYERS)) and sorted(set(fixed.values())) == list(range(slots, slots + resident))
     _, streaming_all = engine_for(tiny_model_dir, OffloadPlan(0, "bf16-packed", depth, compute_buffers=compute_buffers, encoded_residents=True))
     streaming_all.load()
     ring_change = engine.slot_bytes - streaming_all.slot_bytes  # fewer staging slots when few layers stream
@@ -347,14 +349,17 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
     resident_layer = engine.stream_layout.nbytes if encoded else layer
     # frames: 2 more layers on the device, the ring shrinks to the one layer left to stream
     slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # staged: staging + compute buffers
-    cycle = [0, 1, 2, 3] if encoded else [1, 2, 3]  # the layers that run from the ring
+    streamed = list(base.streamed_indices(LAYERS))  # 3 of the 4 layers; only the last of them in the frames
+    cycle = [0, 1, 2, 3] if encoded else streamed  # the layers that run from the ring
     assert arranged == [(before - engine._ring.nbytes + 2 * resident_layer + slot, len(cycle) - 2 * (not encoded), 1)]
     assert engine.resident_bytes == before and engine._cycle == cycle and len(engine._ring) == 2
-    # the prompt pass (both branches at once) streams layers 1-3 with the base ring primed on
-    # load and running on into the next pass; the frames' ring of one slot streams layer 3
+    # the prompt pass (both branches at once) streams the 3 layers with the base ring primed on
+    # load and running on into the next pass; the frames' ring of one slot streams the last
     # once per pass (primed, then one copy per pass); the run's end re-primes the base ring
     frame_passes = stats["offload_passes"] - 1
-    assert [layer for layer, _ in issued] == [1, 2, 3, 1, 2] + [3] * (1 + frame_passes) + [1, 2]
+    first_two, last = streamed[:2], streamed[-1]
+    assert extended.in_frames().streamed_indices(LAYERS) == (last,)
+    assert [layer for layer, _ in issued] == streamed + first_two + [last] * (1 + frame_passes) + first_two
     assert stats["offload_frame_resident_layers"] == 3 and stats["offload_resident_layers"] == 1
     engine.close()
 
@@ -461,8 +466,9 @@ def test_unload_and_close_leave_nothing_behind(tiny_model_dir, reference):
 def test_host_copy_is_not_duplicated(tiny_model_dir):
     vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, "bf16"))
     engine.load()
-    slabs = [h.slab for h in engine._host]
-    for layer, slab in zip(vv.model.model.language_model.layers[1:], slabs[1:]):
+    layers = vv.model.model.language_model.layers
+    for i in engine.plan.streamed_indices(LAYERS):
+        layer, slab = layers[i], engine._host[i].slab
         base = slab.untyped_storage().data_ptr()
         for p in layer.parameters():
             assert p.untyped_storage().data_ptr() == base  # views into the slab, no second copy
@@ -475,8 +481,10 @@ def test_fp8_streamed_layers_release_their_model_dtype_weights(tiny_model_dir):
     layer = vv.model.model.language_model.layers[3]
     assert layer.mlp.up_proj.weight.is_meta
     assert not layer.input_layernorm.weight.is_meta
-    assert engine._host[3].format == "fp8" and engine._host[0].format == "native"
-    assert engine._host[3].nbytes < 0.6 * engine._host[0].nbytes + 4096
+    resident = engine.plan.resident_indices(LAYERS)[0]
+    assert 3 not in engine.plan.resident_indices(LAYERS)
+    assert engine._host[3].format == "fp8" and engine._host[resident].format == "native"
+    assert engine._host[3].nbytes < 0.6 * engine._host[resident].nbytes + 4096
     engine.close()
     assert not layer.mlp.up_proj.weight.is_meta
 

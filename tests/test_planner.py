@@ -340,11 +340,13 @@ def test_fp8_fits_where_bf16_does(large, small):
 
 
 def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, small):
-    """A slot costs a resident layer; it pays only while the ring can fill it during the rest
-    of the frame. On the H100 (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json) auto's
-    prompt plan took 7 resident layers and 5 slots for 1.5B at 4 GB and kept 2 slots for
-    Large at 12 GB: Large's 8.5 ms layers outlast the 13 ms rest of the frame after two of
-    them."""
+    """A slot costs a resident layer; it pays only while the ring can fill it during the
+    stretch of the frame without a streamed layer. With the residents spread over the pass
+    (`residency_order`) that stretch is the rest of the frame alone: for Large two bf16 slots
+    (17 ms of copies) cover it; for 1.5B at 4 GB each slot traded for a resident layer
+    predicts the same 37.7 ms (2 to 6 slots), and a tie keeps the shallower ring. (With the
+    residents bunched at the pass's start, as in the first H100 runs, auto took 7 resident
+    layers and 5 slots there.) fp8's half-size staging slots are cheap enough to deepen the ring."""
     work = Workload((120_000, 120_000), 60, 201)
 
     def both(config, budget_gb, dtype):
@@ -353,8 +355,7 @@ def test_auto_deepens_the_ring_only_where_the_simulation_says_it_pays(large, sma
         return plan_auto(config, budget_gb * GB, prefetch_depth=2, **options), plan_auto(config, budget_gb * GB, **options)
 
     shallow, deep = both(small, 4, "bf16")
-    assert deep.prefetch_depth > 2 and deep.resident_layers < shallow.resident_layers
-    assert predict_ms_per_frame(small, deep, 55.0) < predict_ms_per_frame(small, shallow, 55.0)
+    assert deep == shallow
     shallow, deep = both(large, 12, "bf16")
     assert deep == shallow
     # fp8's half-size staging slots make depth cheap, and they free at dequantisation (and

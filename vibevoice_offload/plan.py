@@ -7,11 +7,38 @@ dataclass. Keep it small and free of policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 StreamDtype = Literal["bf16", "bf16-packed", "fp8"]
 STREAM_DTYPES: tuple[str, ...] = get_args(StreamDtype)
+
+
+@functools.cache
+def residency_order(num_layers: int) -> tuple[int, ...]:
+    """The order in which decoder layers become resident: with R resident, the first R.
+
+    Spread over the pass, not its first layers: while no streamed layer runs (the rest of
+    the frame, and resident layers next to it) a ring of S slots can only get S copies ahead,
+    and the link then idles; a resident layer between two streamed ones costs the link
+    nothing. So the inner layers come in van der Corput order (the middle, then the
+    quarters, then the eighths, ...: every prefix evenly spread), then the first and the
+    last layer, which border the rest of the frame. Every prefix contains the shorter
+    ones: the frame extension and ComfyUI only ever add or drop layers at its end."""
+    inner = range(1, num_layers - 1)
+    order: list[int] = []
+    n = 1
+    while len(order) < len(inner):
+        position, fraction, bits = 0.0, 0.5, n
+        while bits:  # n's binary digits mirrored behind the point: 1/2, 1/4, 3/4, 1/8, ...
+            position += fraction * (bits & 1)
+            bits, fraction = bits >> 1, fraction / 2
+        layer = 1 + int(position * len(inner))
+        if layer not in order:
+            order.append(layer)
+        n += 1
+    return tuple(order) + tuple(dict.fromkeys((0, num_layers - 1)))[: num_layers - len(order)]
 
 
 def encoded_residents_for(stream_dtype: str) -> bool:
@@ -25,9 +52,9 @@ def encoded_residents_for(stream_dtype: str) -> bool:
 class OffloadPlan:
     """Where the decoder layers live while VibeVoice generates.
 
-    `resident_layers` decoder layers stay on the GPU (which ones is the engine's choice:
-    Qwen2's layers are all the same size); the rest are streamed from host memory through
-    a ring of `prefetch_depth` GPU slots, once per frame.
+    `resident_layers` decoder layers stay on the GPU, the first of `residency_order`; the
+    rest are streamed from host memory through a ring of `prefetch_depth` GPU slots, once
+    per frame.
     """
 
     resident_layers: int
@@ -78,15 +105,21 @@ class OffloadPlan:
         """Streamed layers are decoded on the GPU (fp8, bf16-packed), not run from their slot."""
         return self.stream_dtype != "bf16"
 
-    def streamed_layers(self, num_layers: int) -> int:
-        return num_layers - self.resident_layers
+    def resident_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The resident decoder layers, in the order they became resident."""
+        return residency_order(num_layers)[: self.resident_layers]
 
-    def decoded_layers(self, num_layers: int) -> range:
-        """The layers that run from a compute buffer (decoded before each use): the streamed
-        ones of a staged format, and with `encoded_residents` the resident ones too."""
+    def streamed_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The streamed decoder layers, in pass order."""
+        resident = set(self.resident_indices(num_layers))
+        return tuple(i for i in range(num_layers) if i not in resident)
+
+    def decoded_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The layers that run from a compute buffer (decoded before each use), in pass order:
+        the streamed ones of a staged format, and with `encoded_residents` every layer."""
         if not self.staged:
-            return range(0)
-        return range(0 if self.encoded_residents else self.resident_layers, num_layers)
+            return ()
+        return tuple(range(num_layers)) if self.encoded_residents else self.streamed_indices(num_layers)
 
     def in_frames(self) -> "OffloadPlan":
         """The residency and ring in effect while frames are generated (the plan itself

@@ -35,7 +35,7 @@ from .errors import VibeVoiceError
 from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
-from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, encoded_residents_for
+from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, encoded_residents_for, residency_order
 from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
@@ -516,8 +516,8 @@ class Estimate:
 def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest decoded
     layer); S = min(prefetch_depth, streamed layers)."""
-    streamed = range(plan.resident_layers, num_layers)
-    decoded = plan.decoded_layers(num_layers) if plan.staged else streamed
+    streamed = plan.streamed_indices(num_layers)
+    decoded = plan.decoded_indices(num_layers) if plan.staged else streamed
     if not decoded:
         return 0
     native = max(sizes.layers[i] for i in decoded)
@@ -529,7 +529,7 @@ def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int
     """`Estimate.frame_extension`: the frame-only resident layers plus the ring's growth."""
     frames = plan.in_frames()
     return (
-        sum(sizes.resident_bytes(i, plan) for i in range(plan.resident_layers, frames.resident_layers))
+        sum(sizes.resident_bytes(i, plan) for i in residency_order(num_layers)[plan.resident_layers : frames.resident_layers])
         + ring_bytes(sizes, frames, num_layers) - ring_bytes(sizes, plan, num_layers)
     )
 
@@ -559,14 +559,13 @@ def estimate(
     sizes = _sizes(config, census, dtype)
     itemsize = dtype.itemsize
     hop = hop_length(config)
-    r = plan.resident_layers
-    streamed = range(r, num_layers)
+    residents, streamed = plan.resident_indices(num_layers), plan.streamed_indices(num_layers)
 
     always = (
         sizes.norm + sizes.diffusion_head + sizes.acoustic_decoder + sizes.semantic_encoder
         + sizes.acoustic_connector + sizes.semantic_connector + sizes.other
     )
-    resident = sum(sizes.resident_bytes(i, plan) for i in range(r)) + always + (0 if plan.embed_on_host else sizes.embed_tokens)
+    resident = sum(sizes.resident_bytes(i, plan) for i in residents) + always + (0 if plan.embed_on_host else sizes.embed_tokens)
     slots = ring_bytes(sizes, plan, num_layers)
 
     prompt_len = prompt_length(config, voice_samples, text_tokens)
@@ -599,7 +598,7 @@ def estimate(
     peak = base + max(prefill, encoder_peak, workspace + extension)
     slack = math.ceil(peak * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_FIXED
 
-    host_slabs = sum(sizes.resident_bytes(i, plan) for i in range(r)) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
+    host_slabs = sum(sizes.resident_bytes(i, plan) for i in residents) + sum(sizes.stream_bytes(i, plan.stream_dtype) for i in streamed)
     host = host_slabs + always + sizes.embed_tokens + sizes.lm_head + sizes.acoustic_encoder
     return Estimate(
         resident_weights=resident,
@@ -1062,8 +1061,9 @@ def simulate_frame_ms(
 ) -> float:
     """Steady-state ms per frame of the engine's slot ring, by a small event simulation.
 
-    Per frame: decoder layers 0..num_layers-1 (the last `num_layers - resident` streamed),
-    each `layer_ms` of compute, then `other_ms` (diffusion head, tokenizers, sampling).
+    Per frame: decoder layers 0..num_layers-1 (the first `resident` of `residency_order`
+    resident, the others streamed), each `layer_ms` of compute, then `other_ms` (diffusion
+    head, tokenizers, sampling).
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
     slot is free: bf16, when the layer copied into it by copy j - S has finished; a staged
@@ -1075,9 +1075,11 @@ def simulate_frame_ms(
     decoding) is done, and takes `layer_ms`. With `encoded_residents` (staged) the resident
     layers are decoded too, in the same order and buffers, with nothing to copy.
     So a ring of S slots can only get S layers ahead while the diffusion head and
-    tokenizers run: shallow rings leave the link idle there.
+    tokenizers run (and resident layers next to them): shallow rings leave the link idle there.
     """
-    streamed = num_layers - resident
+    residents = set(residency_order(num_layers)[:resident])
+    copy_index = {layer: j for j, layer in enumerate(i for i in range(num_layers) if i not in residents)}
+    streamed = len(copy_index)
     decodes_residents = staged and encoded_residents
     if streamed <= 0 and not decodes_residents:
         return num_layers * layer_ms + other_ms
@@ -1092,12 +1094,12 @@ def simulate_frame_ms(
     for frame in range(frames):
         starts.append(t)
         for layer in range(num_layers):
-            if layer < resident and not decodes_residents:
+            if layer in residents and not decodes_residents:
                 t += layer_ms
                 continue
             ready = 0.0  # an encoded resident: nothing to copy
-            if layer >= resident:
-                j = frame * streamed + layer - resident  # this layer's copy in the global order
+            if layer not in residents:
+                j = frame * streamed + copy_index[layer]  # this layer's copy in the global order
                 while len(copy_done) < j + depth:  # the ring runs `depth` copies ahead
                     c = len(copy_done)
                     begin = max(copy_engine_free, slot_free[c % depth])
@@ -1108,7 +1110,7 @@ def simulate_frame_ms(
                 buffer = decodings % compute_buffers
                 decodings += 1
                 dequant_engine_free = max(ready, dequant_engine_free, buffer_free[buffer]) + dequant_ms
-                if layer >= resident:
+                if layer not in residents:
                     slot_free[j % depth] = dequant_engine_free
                 t = max(t, dequant_engine_free) + layer_ms
                 buffer_free[buffer] = t
@@ -1139,7 +1141,7 @@ def bound_ms_per_frame(
     plan = plan.in_frames()
     sizes = model_sizes(config, dtype)
     n = config.text_config.num_hidden_layers
-    link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in range(plan.resident_layers, n))
+    link_bytes = sum(sizes.stream_bytes(i, plan.stream_dtype) for i in plan.streamed_indices(n))
     return max(_copy_ms(link_bytes, link_gbps), default_resident_ms(config) if resident_ms is None else resident_ms)
 
 
@@ -1167,8 +1169,8 @@ def predict_ms_per_frame(
     n = config.text_config.num_hidden_layers
     sizes = model_sizes(config, dtype)
     layer_ms = decoder_ms / n
-    streamed = range(plan.resident_layers, n)
-    decoded = plan.decoded_layers(n)
+    streamed = plan.streamed_indices(n)
+    decoded = plan.decoded_indices(n)
     if not decoded and not streamed:
         return t_resident
     link = max((sizes.stream_bytes(i, plan.stream_dtype) for i in streamed), default=0)

@@ -1,8 +1,8 @@
 """The layer offloader: an `Executor` that streams decoder layers through GPU slots.
 
-Decoder layers [0, R) stay resident on the device; layers [R, N) live in exact-size host
-slabs (pinned) and are copied, one slab per layer, into a fixed ring of S GPU slots on a
-dedicated copy stream. Ordering uses events only, never a host synchronisation:
+R decoder layers stay resident on the device (the first R of `plan.residency_order`,
+spread over the pass); the others live in exact-size host slabs (pinned) and are copied,
+one slab per layer, into a fixed ring of S GPU slots on a dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
   slot's "free" event: recorded on the compute stream after the slot's previous layer ran
@@ -16,8 +16,8 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
   the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
   the streamed layers, wrapping into the next pass: while the diffusion head and the
-  tokenizers of frame t run (and the resident layers 0..R-1 of frame t+1), the first
-  streamed layers of frame t+1 are already crossing the link.
+  tokenizers of frame t run (and any resident layers before the first streamed one), the
+  first streamed layers of frame t+1 are already crossing the link.
 
 Encoded residents (bf16-packed, `plan.encoded_residents`): the resident layers stay on the
 device packed, one "fixed" slot each, and join the cyclic order: each is decoded into a
@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..bf16_packing import PackingError
-from ..plan import OffloadPlan
+from ..plan import OffloadPlan, residency_order
 from .dequant import dequant_ops, dequantise, require_packed_kernel
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
 from .host_slabs import (
@@ -161,6 +161,7 @@ class OffloadEngine:
         self.is_cuda = device.type == "cuda"
         self.timing = timing and self.is_cuda
         self.dtype = self.lm.norm.weight.dtype
+        self._order = residency_order(self.num_layers)  # the first R of it are resident
         if any(t.is_meta for t in self.layers[0].parameters()):
             raise ValueError("decoder layer 0 has meta tensors: load the weights before building an OffloadEngine")
         self.native = SlabLayout.build(self.layers[0], NATIVE)
@@ -184,6 +185,7 @@ class OffloadEngine:
         # The layers that run from the ring, in order: the streamed ones, and with encoded
         # residents every layer. `_copies_queued` of the uses in `_queue` are copies.
         self._cycle: list[int] = []
+        self._from_ring: frozenset[int] = frozenset()
         self._copies_queued = 0
         self._loaded = False
         self._events = _EventPool()
@@ -310,12 +312,12 @@ class OffloadEngine:
         self._drop_ring()
         # Recorded first: if an allocation below fails, end_run still knows what to undo.
         old, self._arranged = self._arranged, target
-        for i in range(target.resident_layers, old.resident_layers):
+        for i in self._order[target.resident_layers : old.resident_layers]:
             self._make_host(i)
             self._reformat_host(i, self.stream_layout.format)  # a no-op for the frames' layers: already streamed
         if self.is_cuda:
             torch.cuda.empty_cache()
-        for i in range(old.resident_layers, target.resident_layers):
+        for i in self._order[old.resident_layers : target.resident_layers]:
             self._make_resident(i)
         self._build_ring()
 
@@ -327,10 +329,10 @@ class OffloadEngine:
         pinned = self.plan.pinned and self.is_cuda
         if not self.plan.pinned and self.is_cuda:
             log.warning("pinned=False: streaming from pageable host memory, several times slower than pinned")
+        decoded_residents = set() if self.plan.encoded_residents else set(self.plan.resident_indices(self.num_layers))
         for i, layer in enumerate(self.layers):
             if self._host[i] is None:
-                decoded_resident = i < self.plan.resident_layers and not self.plan.encoded_residents
-                layout = self.native if decoded_resident else self.stream_layout
+                layout = self.native if i in decoded_residents else self.stream_layout
                 self._host[i] = self._pack_layer(i, layout, pinned)
                 # The layer's original tensors, now: glibc would keep their pages until the
                 # last layer is packed, and the process would hold the layers twice meanwhile.
@@ -353,7 +355,7 @@ class OffloadEngine:
             self._placement.place(module)
         for name in ("latent_scaling_factor", "latent_bias_factor"):
             self._placement.place_tensor(self.model.model, name)
-        for i in range(self.plan.resident_layers):
+        for i in self.plan.resident_indices(self.num_layers):
             self._make_resident(i)
         self._build_ring()
         self._loaded = True
@@ -396,19 +398,20 @@ class OffloadEngine:
             release_layer(self.layers[i], self.native)
 
     def _runs_from_ring(self, index: int) -> bool:
-        return bool(self._cycle) and index >= self._cycle[0]
+        return index in self._from_ring
 
     def _build_ring(self) -> None:
         arranged = self._arranged
-        first = 0 if arranged.encoded_residents else arranged.resident_layers
-        self._cycle = list(range(first, self.num_layers))
+        residents = arranged.resident_indices(self.num_layers)
+        self._cycle = list(range(self.num_layers)) if arranged.encoded_residents else list(arranged.streamed_indices(self.num_layers))
+        self._from_ring = frozenset(self._cycle)
         self._queue.clear()
         self._copies_queued = 0
         self._next_pos = self._next_slot = self._next_compute = 0
         if not self._cycle:
             return
         depth = min(arranged.prefetch_depth, self.num_layers - arranged.resident_layers)
-        fixed = {i: self._resident_buffers[i] for i in range(arranged.resident_layers)} if arranged.encoded_residents else None
+        fixed = {i: self._resident_buffers[i] for i in residents} if arranged.encoded_residents else None
         self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, arranged.compute_buffers, self._device, fixed)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
@@ -470,8 +473,8 @@ class OffloadEngine:
                 torch.cuda.synchronize(self._device)
                 torch.cuda.empty_cache()  # staged layers made resident leave their staging buffers cached
         else:
-            for i in range(min(old, n), max(old, n)):
-                self._reformat_host(i, NATIVE if i < n else self.stream_layout.format)
+            for position in range(min(old, n), max(old, n)):
+                self._reformat_host(self._order[position], NATIVE if position < n else self.stream_layout.format)
         self.plan = self._arranged = new_plan
         if n != old:
             return_freed_memory()  # re-packed slabs
@@ -635,7 +638,7 @@ class OffloadEngine:
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
             "offload_encoded_residents": self.plan.encoded_residents,
-            "offload_pinned": all(h is not None and h.pinned for h in self._host[self.plan.resident_layers:]),
+            "offload_pinned": all(self._host[i] is not None and self._host[i].pinned for i in self.plan.streamed_indices(self.num_layers)),
             "offload_copies": self._copies,
             "offload_bytes_streamed": self._bytes,
             "offload_passes": self._passes,
