@@ -499,6 +499,24 @@ def test_resident_frame_table_says_what_is_measured(large, small):
         assert round(recorded["decoder_pass_ms"][size], 1) == frame.decoder_ms
 
 
+def test_residency_order_spreads_lossless_residents_and_keeps_fp8_first_layers():
+    from vibevoice_offload.plan import residency_order
+
+    for n in (1, 2, 3, 4, 6, 8, 28):
+        for stream_dtype in STREAM_DTYPES:
+            assert sorted(residency_order(n, stream_dtype)) == list(range(n))
+    assert residency_order(28, "fp8") == tuple(range(28))  # rounding early layers compounds: they stay exact
+    for stream_dtype in ("bf16", "bf16-packed"):
+        order = residency_order(28, stream_dtype)
+        assert order[-2:] == (0, 27)  # the layers next to the rest of the frame come last
+        for r in range(2, 9):  # small prefixes are spread: no two residents side by side
+            resident = sorted(order[:r])
+            assert all(b - a > 1 for a, b in zip(resident, resident[1:])), r
+    # the simulation's default is the lossless order; bunched residents cost the link time
+    bunched = planner.simulate_frame_ms(28, 4, 2, 0.33, 14.5, 6.5, order=range(28))
+    assert planner.simulate_frame_ms(28, 4, 2, 0.33, 14.5, 6.5) < bunched - 1.0
+
+
 def test_ring_simulation():
     sim = planner.simulate_frame_ms
     # Nothing streamed: layers then the rest.

@@ -529,7 +529,7 @@ def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int
     """`Estimate.frame_extension`: the frame-only resident layers plus the ring's growth."""
     frames = plan.in_frames()
     return (
-        sum(sizes.resident_bytes(i, plan) for i in residency_order(num_layers)[plan.resident_layers : frames.resident_layers])
+        sum(sizes.resident_bytes(i, plan) for i in residency_order(num_layers, plan.stream_dtype)[plan.resident_layers : frames.resident_layers])
         + ring_bytes(sizes, frames, num_layers) - ring_bytes(sizes, plan, num_layers)
     )
 
@@ -1056,13 +1056,14 @@ def simulate_frame_ms(
     dequant_ms: float = 0.0,
     compute_buffers: int = 2,
     encoded_residents: bool = False,
+    order: Sequence[int] | None = None,
     frames: int = 10,
     warmup: int = 4,
 ) -> float:
     """Steady-state ms per frame of the engine's slot ring, by a small event simulation.
 
-    Per frame: decoder layers 0..num_layers-1 (the first `resident` of `residency_order`
-    resident, the others streamed), each `layer_ms` of compute, then `other_ms` (diffusion
+    Per frame: decoder layers 0..num_layers-1 (the first `resident` of `order`, by default
+    `residency_order(num_layers)`, resident, the others streamed), each `layer_ms` of compute, then `other_ms` (diffusion
     head, tokenizers, sampling).
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
@@ -1077,7 +1078,7 @@ def simulate_frame_ms(
     So a ring of S slots can only get S layers ahead while the diffusion head and
     tokenizers run (and resident layers next to them): shallow rings leave the link idle there.
     """
-    residents = set(residency_order(num_layers)[:resident])
+    residents = set((residency_order(num_layers) if order is None else order)[:resident])
     copy_index = {layer: j for j, layer in enumerate(i for i in range(num_layers) if i not in residents)}
     streamed = len(copy_index)
     decodes_residents = staged and encoded_residents
@@ -1179,7 +1180,7 @@ def predict_ms_per_frame(
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, other_ms, _copy_ms(link, link_gbps),
         staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
-        encoded_residents=plan.encoded_residents,
+        encoded_residents=plan.encoded_residents, order=residency_order(n, plan.stream_dtype),
     )
     return max(simulated, bound)
 

@@ -1,7 +1,7 @@
 """The layer offloader: an `Executor` that streams decoder layers through GPU slots.
 
-R decoder layers stay resident on the device (the first R of `plan.residency_order`,
-spread over the pass); the others live in exact-size host slabs (pinned) and are copied,
+R decoder layers stay resident on the device (the first R of `plan.residency_order`:
+spread over the pass, or for fp8 the first layers); the others live in exact-size host slabs (pinned) and are copied,
 one slab per layer, into a fixed ring of S GPU slots on a dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
@@ -161,7 +161,7 @@ class OffloadEngine:
         self.is_cuda = device.type == "cuda"
         self.timing = timing and self.is_cuda
         self.dtype = self.lm.norm.weight.dtype
-        self._order = residency_order(self.num_layers)  # the first R of it are resident
+        self._order = residency_order(self.num_layers, plan.stream_dtype)  # the first R of it are resident
         if any(t.is_meta for t in self.layers[0].parameters()):
             raise ValueError("decoder layer 0 has meta tensors: load the weights before building an OffloadEngine")
         self.native = SlabLayout.build(self.layers[0], NATIVE)
