@@ -979,15 +979,15 @@ class ResidentFrame:
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        22.1, 9.1, True,
+        22.6, 9.2, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop (both halves of the frame replayed from "
-        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.06 and 22.14 ms; "
-        "the day's first run measured 21.91); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.60 and 22.79 ms; "
+        "earlier runs that day on other H100s: 21.9-22.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        13.6, 4.8, True,
+        13.7, 4.8, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), the same method as Large's, the faster of two runs "
-        "(13.57 and 14.32 ms; the day's first run measured 13.51); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "(13.68 and 14.44 ms; earlier runs that day: 13.5-13.6); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
 """T_resident per released size. With the frame replayed from CUDA graphs the GPU, not the
