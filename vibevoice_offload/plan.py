@@ -51,7 +51,10 @@ def residency_order(num_layers: int, stream_dtype: str = "bf16") -> tuple[int, .
 def encoded_residents_for(stream_dtype: str) -> bool:
     """Whether an explicit plan (a preset, a manual count, ComfyUI's grant) keeps its resident
     layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
-    whenever a layer streams the frame waits on the link, not on the decoding)."""
+    whenever a layer streams the frame waits on the link, not on the decoding). With every
+    layer resident it still decodes each one every pass (Large: about 13 ms more a frame
+    than bf16): a budget that holds the whole model in bf16 should stream bf16, as `auto`
+    then does."""
     return stream_dtype == "bf16-packed"
 
 
@@ -87,7 +90,7 @@ class OffloadPlan:
 
     frame_layers: int = 0
     """Decoder layers made resident for the frames only: after the prompt pass the engine
-    copies layers [resident_layers, resident_layers + frame_layers) to the GPU, into the
+    copies the next `frame_layers` layers of `residency_order` to the GPU, into the
     VRAM that encoding the voice prompts needed (the acoustic encoder and its activations,
     free again by then), and frees them when the run ends."""
 

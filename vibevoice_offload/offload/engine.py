@@ -1,8 +1,9 @@
 """The layer offloader: an `Executor` that streams decoder layers through GPU slots.
 
 R decoder layers stay resident on the device (the first R of `plan.residency_order`:
-spread over the pass, or for fp8 the first layers); the others live in exact-size host slabs (pinned) and are copied,
-one slab per layer, into a fixed ring of S GPU slots on a dedicated copy stream. Ordering uses events only, never a host synchronisation:
+spread over the pass, or for fp8 the first layers); the others live in exact-size host
+slabs (pinned) and are copied, one slab per layer, into a fixed ring of S GPU slots on a
+dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
   slot's "free" event: recorded on the compute stream after the slot's previous layer ran
@@ -178,7 +179,7 @@ class OffloadEngine:
         self._ring: SlotRing | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         self._dequant_stream: torch.cuda.Stream | None = None  # staged streaming only
-        self._queue: deque[_Use] = deque()  # issued copies, in order
+        self._queue: deque[_Use] = deque()  # the coming uses of the ring, in order
         self._next_pos = 0  # position in `_cycle` of the next use
         self._next_slot = 0
         self._next_compute = 0  # staged: the compute buffer the next layer is decoded into
@@ -364,7 +365,7 @@ class OffloadEngine:
 
     def _make_resident(self, i: int) -> None:
         if self._arranged.encoded_residents:
-            self._reformat_host(i, self.stream_layout.format)  # a slab packed while layer i was a decoded resident
+            self._reformat_host(i, self.stream_layout.format)  # a native slab from when layer i was a decoded resident
             host = self._host[i]
             if self._device.type == "cpu":
                 self._resident_buffers[i] = host.slab  # already where it is decoded
