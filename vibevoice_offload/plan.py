@@ -53,8 +53,8 @@ def encoded_residents_for(stream_dtype: str) -> bool:
     layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
     whenever a layer streams the frame waits on the link, not on the decoding). With every
     layer resident it still decodes each one every pass (Large: about 13 ms more a frame
-    than bf16): a budget that holds the whole model in bf16 should stream bf16, as `auto`
-    then does."""
+    than bf16): where the whole model fits in bf16, choose bf16 (`auto` keeps them decoded
+    there)."""
     return stream_dtype == "bf16-packed"
 
 
