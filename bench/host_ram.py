@@ -2,6 +2,8 @@
 """Host RAM of the engine at a released model's real shapes, stage by stage.
 
     python bench/host_ram.py [1.5B|Large] [--resident 7] [--stream-dtype bf16|bf16-packed|fp8] [--device cpu|cuda]
+    python bench/host_ram.py 1.5B --sequence
+
 
 Builds the model with random weights in host memory, packs it with an `OffloadEngine` (on
 the CPU its slabs are what a GPU engine pins), and records the process's anonymous RSS
@@ -12,6 +14,10 @@ cuda` (CUDA initialised and its libraries warmed before the baseline) also the p
 30 frames are generated and the level after, after `close()`, and after the model is
 dropped: what of the excess is the model's and what the CUDA runtime's. Writes
 <out>/<cpu|card>-<yyyymmdd>-host-ram-<size>.json.
+
+`--sequence` (CPU): one model, engines of each stream dtype built and closed one after
+another as the offload benchmark does, with the anonymous RSS peak while each packs
+(`load()`) and while each is closed. Writes ...-host-ram-sequence-<size>.json.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-dtype", default="bf16", choices=STREAM_DTYPES)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-cudnn", action="store_true", help="diagnosis: torch.backends.cudnn disabled (convolutions run torch's own kernels)")
+    parser.add_argument("--sequence", action="store_true", help="engines of each stream dtype one after another on one model (CPU)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
+    if args.sequence:
+        return sequence(args.size, Path(args.out))
     torch.backends.cudnn.enabled = not args.no_cudnn
 
     cuda = args.device == "cuda"
@@ -93,6 +102,41 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"{stem}-host-ram-{args.size}.json"
     device = torch.cuda.get_device_name() if cuda else "cpu"
     out.write_text(json.dumps({"device": device, "note": __doc__.strip().splitlines()[0], "rows": [row]}, indent=1))
+    print("wrote", out)
+    return 0
+
+
+def sequence(size: str, out_dir: Path) -> int:
+    """Anonymous RSS over the model's bytes while engines of each stream dtype pack and close
+    in turn on one CPU model (packed residents for bf16-packed, as `auto` plans them)."""
+    base = rss_bytes(anonymous=True)
+    config = load_size_config(size)
+    model = build_random_model(config, draw_on="cpu")
+    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+    gc.collect()
+    rows = []
+    plans = (OffloadPlan(10, "bf16"), OffloadPlan(12, "bf16-packed", encoded_residents=True), OffloadPlan(9, "fp8"))
+    for plan in plans:
+        before = rss_bytes(anonymous=True)
+        engine = OffloadEngine(model, plan, "cpu")
+        with RssPeak() as packing:
+            engine.load()
+        loaded = rss_bytes(anonymous=True)
+        with RssPeak() as closing:
+            engine.close()
+            del engine
+            gc.collect()
+            host_slabs.return_freed_memory()
+        rows.append({
+            "stream_dtype": plan.stream_dtype, "resident_layers": plan.resident_layers, "encoded_residents": plan.encoded_residents,
+            "anonymous_vs_model_before": (before - base) / model_bytes,
+            "anonymous_vs_model_packing_peak": (packing.peak_anonymous - base) / model_bytes,
+            "anonymous_vs_model_loaded": (loaded - base) / model_bytes,
+            "anonymous_vs_model_closing_peak": (closing.peak_anonymous - base) / model_bytes,
+        })
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    out = out_dir / f"cpu-{time.strftime('%Y%m%d')}-host-ram-sequence-{size}.json"
+    out.write_text(json.dumps({"device": "cpu", "model": size, "model_gb": model_bytes / 1e9, "note": sequence.__doc__.split(chr(10))[0], "rows": rows}, indent=1))
     print("wrote", out)
     return 0
 
