@@ -351,7 +351,8 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
     slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # staged: staging + compute buffers
     streamed = list(base.streamed_indices(LAYERS))  # 3 of the 4 layers; only the last of them in the frames
     cycle = [0, 1, 2, 3] if encoded else streamed  # the layers that run from the ring
-    assert arranged == [(before - engine._ring.nbytes + 2 * resident_layer + slot, len(cycle) - 2 * (not encoded), 1)]
+    frames_cycle = LAYERS if encoded else 1  # in the frames: every layer, or the one left to stream
+    assert arranged == [(before - engine._ring.nbytes + 2 * resident_layer + slot, frames_cycle, 1)]
     assert engine.resident_bytes == before and engine._cycle == cycle and len(engine._ring) == 2
     # the prompt pass (both branches at once) streams the 3 layers with the base ring primed on
     # load and running on into the next pass; the frames' ring of one slot streams the last
