@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_libraries()
     base = rss_bytes(anonymous=True)
     config = load_size_config(args.size)
-    model = build_random_model(config, draw_on=args.device)
-    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
-    gc.collect()
+    model, model_bytes = _random_model(config, args.device)
     built = rss_bytes(anonymous=True)
     engine = OffloadEngine(model, OffloadPlan(args.resident, args.stream_dtype), args.device)
     with mock.patch.object(engine_module, "return_freed_memory", lambda: None):  # the engine before this fix
@@ -106,14 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _random_model(config, device: str):
+    """The model with random weights in host memory, and its bytes (tied weights once)."""
+    model = build_random_model(config, draw_on=device)
+    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+    gc.collect()
+    return model, model_bytes
+
+
 def sequence(size: str, out_dir: Path) -> int:
     """Anonymous RSS over the model's bytes while engines of each stream dtype pack and close
     in turn on one CPU model (packed residents for bf16-packed, as `auto` plans them)."""
     base = rss_bytes(anonymous=True)
-    config = load_size_config(size)
-    model = build_random_model(config, draw_on="cpu")
-    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
-    gc.collect()
+    model, model_bytes = _random_model(load_size_config(size), "cpu")
     rows = []
     plans = (OffloadPlan(10, "bf16"), OffloadPlan(12, "bf16-packed", encoded_residents=True), OffloadPlan(9, "fp8"))
     for plan in plans:

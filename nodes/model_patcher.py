@@ -46,7 +46,7 @@ from ..vibevoice_offload import planner
 from ..vibevoice_offload.config import hop_length
 from ..vibevoice_offload.frame_loop import GenerationResult, GenerationSettings
 from ..vibevoice_offload.pipeline import VibeVoice
-from ..vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan, encoded_residents_for
+from ..vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan
 from ..vibevoice_offload.prompt import build_prompt
 
 log = logging.getLogger("VibeVoiceOffload")
@@ -98,7 +98,7 @@ class OffloadSettings:
 def node_plan(resident_layers: int, stream_dtype: str, prefetch_depth: int, pinned: bool) -> OffloadPlan:
     """The plan the node's engine runs for these settings (bf16-packed keeps its resident
     layers packed too: ComfyUI's grant holds a third more of them, for the same bits)."""
-    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=encoded_residents_for(stream_dtype))
+    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=planner.encoded_residents_for(stream_dtype))
 
 
 def pinning_allowed(device: torch.device) -> bool:

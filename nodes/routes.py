@@ -172,7 +172,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     # plan_auto rates plans by speed: it must never measure the link from here. The node's
     # engine keeps two compute buffers for a staged stream dtype, and its residents as
     # `node_plan` does (its residency follows ComfyUI's grant).
-    auto_kw = dict(kw, link_gbps=link, compute_buffers=2, encoded_residents=node_plan(0, stream_dtype, depth, pinned).encoded_residents)
+    auto_kw = dict(kw, link_gbps=link, compute_buffers=2, encoded_residents=planner.encoded_residents_for(stream_dtype))
 
     error = None
     if mode == "auto":

@@ -48,16 +48,6 @@ def residency_order(num_layers: int, stream_dtype: str = "bf16") -> tuple[int, .
     return tuple(order) + tuple(dict.fromkeys((0, num_layers - 1)))[: num_layers - len(order)]
 
 
-def encoded_residents_for(stream_dtype: str) -> bool:
-    """Whether an explicit plan (a preset, a manual count, ComfyUI's grant) keeps its resident
-    layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
-    whenever a layer streams the frame waits on the link, not on the decoding). With every
-    layer resident it still decodes each one every pass (Large: about 13 ms more a frame
-    than bf16): where the whole model fits in bf16, choose bf16 (`auto` keeps them decoded
-    there)."""
-    return stream_dtype == "bf16-packed"
-
-
 @dataclass(frozen=True)
 class OffloadPlan:
     """Where the decoder layers live while VibeVoice generates.

@@ -35,7 +35,7 @@ from .errors import VibeVoiceError
 from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
 from .offload.host_slabs import ALIGN as SLAB_ALIGN
-from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, encoded_residents_for, residency_order
+from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, residency_order
 from .offload.gpu_slots import ring_nbytes
 
 GB = 10**9
@@ -529,7 +529,7 @@ def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int
     """`Estimate.frame_extension`: the frame-only resident layers plus the ring's growth."""
     frames = plan.in_frames()
     return (
-        sum(sizes.resident_bytes(i, plan) for i in residency_order(num_layers, plan.stream_dtype)[plan.resident_layers : frames.resident_layers])
+        sum(sizes.resident_bytes(i, plan) for i in frames.resident_indices(num_layers)[plan.resident_layers :])
         + ring_bytes(sizes, frames, num_layers) - ring_bytes(sizes, plan, num_layers)
     )
 
@@ -918,6 +918,16 @@ def preset_resident_layers(name: str, num_layers: int) -> int:
     if name not in PRESETS:
         raise PlanError(f"unknown offload preset {name!r}; choose one of {', '.join(PRESETS)}")
     return math.floor(PRESETS[name] * num_layers)
+
+
+def encoded_residents_for(stream_dtype: str) -> bool:
+    """Whether an explicit plan (a preset, a manual count, ComfyUI's grant) keeps its resident
+    layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
+    whenever a layer streams the frame waits on the link, not on the decoding). With every
+    layer resident it still decodes each one every pass (Large: about 13 ms more a frame
+    than bf16): where the whole model fits in bf16, choose bf16 (`auto` keeps them decoded
+    there)."""
+    return stream_dtype == "bf16-packed"
 
 
 def plan_preset(

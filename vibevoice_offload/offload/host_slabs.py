@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..bf16_packing import PackedBf16, pack_bf16, packed_nbytes, unpack_bf16
-from ..fp8 import FP8_DTYPE, quantize_fp8
+from ..fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,7 @@ def _decode(fmt: str, name: str, slab: torch.Tensor, entries: dict[str, SlabEntr
     """The model-dtype weight that entry `name` of a staged slab holds (on the slab's device;
     the reference decoders, which allocate: `dequant.py` decodes on the GPU without)."""
     if fmt == FP8:
-        q, scale = entries[name].view(slab), entries[name + ".__scale"].view(slab)
-        return (q.to(torch.float32) * scale[:, None]).to(dtype)
+        return dequantize_fp8(entries[name].view(slab), entries[name + ".__scale"].view(slab), dtype)
     return unpack_bf16(packed_weight(entries, name, slab))
 
 
