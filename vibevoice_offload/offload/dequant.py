@@ -33,6 +33,7 @@ from .host_slabs import FP8, PACKED, SlabLayout, packed_weight
 log = logging.getLogger(__name__)
 
 _BLOCK = 4096  # elements (fp8: columns of one row) per Triton program
+_PACKED_PAIRS = 4096  # bf16-packed: element pairs (code bytes) per program, 8 warps: the fastest of 512-4096 x 4-8 on an H100
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,16 @@ def _packed_kernel(device: torch.device):
     triton, tl = imported
 
     @triton.jit
-    def expand(low_ptr, codes_ptr, base_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def expand(low_ptr, codes_ptr, base_ptr, out_ptr, numel, PAIRS: tl.constexpr):
+        # One load of each code byte, split into its two elements' codes in element order.
+        # Loading it once per element (at offset // 2, a gather the compiler does not
+        # vectorise) made a Large layer's decoding 14% slower on an H100: 0.549 against 0.480 ms.
+        pairs = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
+        byte = tl.load(codes_ptr + pairs, mask=pairs < (numel + 1) // 2).to(tl.int32)
+        code = tl.interleave(byte & 15, byte >> 4)
+        offsets = tl.program_id(0) * 2 * PAIRS + tl.arange(0, 2 * PAIRS)
         mask = offsets < numel
         low = tl.load(low_ptr + offsets, mask=mask).to(tl.int32)
-        code = (tl.load(codes_ptr + offsets // 2, mask=mask).to(tl.int32) >> ((offsets % 2) * 4)) & 15
         offset = code & 7
         high = ((code & 8) << 4) | tl.where(offset == 7, 0, offset + tl.load(base_ptr).to(tl.int32))  # 7: top exponent 0
         tl.store(out_ptr + offsets, ((high << 8) | low).to(tl.int16), mask=mask)  # truncation keeps the bits
@@ -187,7 +193,7 @@ def _packed_kernel(device: torch.device):
     def fused(packed: PackedBf16, out: torch.Tensor) -> None:
         numel, count = packed.low.numel(), packed.exception_positions.numel()
         bits = out.view(torch.int16)
-        expand[(triton.cdiv(numel, _BLOCK),)](packed.low, packed.codes, packed.base, bits, numel, BLOCK=_BLOCK)
+        expand[(triton.cdiv(numel, 2 * _PACKED_PAIRS),)](packed.low, packed.codes, packed.base, bits, numel, PAIRS=_PACKED_PAIRS, num_warps=8)
         patch[(triton.cdiv(count, _BLOCK),)](packed.exception_positions, packed.exception_bytes, bits.view(torch.uint8), count, BLOCK=_BLOCK)
 
     def check() -> bool:
