@@ -17,8 +17,10 @@
 #   encoded  GPU tests; if they pass, 1.5B: this project bf16 and bf16-packed, and diffusers (resumes the JSON)
 #   encoded-large  the same for Large
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
+#   decode   GPU tests and both sizes' decoding kernels; if the tests pass, 1.5B, this project
+#            and every peer (resumes the JSON)
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -68,6 +70,13 @@ case $phase in
   encoded-large)
     timeout 560 python3 bench/offload_bench.py --resume "$RUN" --models Large --methods ours diffusers --dtypes bf16 bf16-packed \
       --peer-frames 20 2>&1 | tee "$OUT/bench-Large-encoded.log"
+    ;;
+  decode)  # after a change to the decoding or its model: kernels, then the GPU-bound 1.5B rows
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    for size in Large 1.5B; do timeout 90 python3 bench/dequant_kernels.py --size $size --out "$OUT" 2>&1 | tail -3; done
+    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
+    timeout 280 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
+      2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

@@ -345,6 +345,9 @@ def test_auto_spends_the_prompts_vram_on_the_frames_and_presets_do_not(pack, mod
     patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"))
     patcher._place(2)
     monkeypatch.setattr(type(patcher), "engine_device", property(lambda self: torch.device("cuda", 0)))
+    # a link slow enough (1 MB/s) that the tiny model's 38 KB layers bound the frame, as a
+    # real model's do on a real link
+    monkeypatch.setattr(planner, "link_bandwidth_gbps", lambda *a, **k: 0.001)
     cp = patcher.vibevoice.checkpoint
     work = planner.Workload((24_000 * 600, 24_000 * 600), 60, 8)
     expected = planner.with_frame_extension(cp.config, patcher.engine.plan, cp.dtype, work, planner.link_bandwidth_gbps())

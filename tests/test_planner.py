@@ -529,25 +529,25 @@ def test_ring_simulation():
     serial = sim(4, 0, 1, 1.0, 10.0, 5.0)
     assert serial == pytest.approx(4 * (5.0 + 1.0) + 10.0 - 5.0)  # only the next frame's first copy overlaps the rest
     assert sim(4, 0, 2, 1.0, 10.0, 5.0) < serial and sim(4, 0, 4, 1.0, 10.0, 5.0) <= sim(4, 0, 2, 1.0, 10.0, 5.0)
-    # fp8: the staging slot frees when dequantisation ends, before the layer's compute, and the
-    # next layer dequantises (side stream, second compute buffer) while this one computes.
-    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5) == pytest.approx(13.0)  # copies and dequant hidden
-    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=False, dequant_ms=0.5) == pytest.approx(22.0)  # copy waits for compute
-    # dequantisation slower than compute: the first two layers dequantise during the other part,
-    # then two buffers let it run only one layer ahead: 10 + 1 + 1 + (1 + 1) + (1 + 1) ms.
-    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0) == pytest.approx(16.0)
-    # One compute buffer: a layer dequantises only after the previous one ran; only the
-    # first layer's dequantisation overlaps the other part: 10 + 1 + 3 x (2 + 1) ms.
-    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0, compute_buffers=1) == pytest.approx(20.0)
-    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5, compute_buffers=1) == pytest.approx(1.0 + 3.0 + 3 * 3.5)
-    # Encoded residents, nothing streamed: every layer is decoded first. Two buffers hide it
-    # (each layer's decoding runs while the one before computes, the first two during the
-    # other part); with one, only the first layer's decoding overlaps the other part.
-    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(14.0)
-    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True, compute_buffers=1) == pytest.approx(14.0 + 3 * 0.5)
+    # Staged (fp8, bf16-packed): a staging slot frees when its layer's decoding ends, before
+    # the layer runs, so one slot does not serialise copies with compute as bf16's does. The
+    # decodings share the GPU with the layers: where the link keeps up, the frame is the
+    # GPU's work, 4 x (3 + 0.5) + 1 ms, whatever the number of compute buffers.
+    gpu_bound = 4 * (3.0 + 0.5) + 1.0
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5) == pytest.approx(gpu_bound, rel=0.01)
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=True, dequant_ms=0.5, compute_buffers=1) == pytest.approx(gpu_bound)
+    assert sim(4, 0, 1, 3.0, 1.0, 2.5, staged=False, dequant_ms=0.5) == pytest.approx(22.0)  # bf16: each copy waits for compute
+    # Decoding slower than compute: still the sum, 10 + 4 x (1 + 2) ms.
+    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0) == pytest.approx(22.0, rel=0.02)
+    assert sim(4, 0, 4, 1.0, 10.0, 0.1, staged=True, dequant_ms=2.0, compute_buffers=1) == pytest.approx(22.0)
+    # Where the layers wait for the link, the decodings run in the wait: 4 copies of 10 ms.
+    assert sim(4, 0, 2, 1.0, 1.0, 10.0, staged=True, dequant_ms=0.5) == pytest.approx(40.0)
+    # Encoded residents, nothing streamed: every layer is decoded, all of it GPU time.
+    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(16.0, rel=0.01)
+    assert sim(4, 4, 2, 1.0, 10.0, 5.0, staged=True, dequant_ms=0.5, encoded_residents=True, compute_buffers=1) == pytest.approx(16.0)
     # ... and with a streamed layer its copies bound the frame: one slot (one layer to
     # stream), so each copy also waits for the decoding out of it: 30 + 0.5 ms.
-    assert sim(4, 3, 2, 1.0, 10.0, 30.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(30.5)
+    assert sim(4, 3, 2, 1.0, 10.0, 30.0, staged=True, dequant_ms=0.5, encoded_residents=True) == pytest.approx(30.5, rel=0.01)
 
 
 H100 = Path(__file__).resolve().parents[1] / "bench/results/NVIDIA-H100-80GB-HBM3-20261127.json"
@@ -594,8 +594,10 @@ def test_estimate_against_the_h100_measurements(large, small):
 
 def test_prediction_against_the_h100_measurements(large, small):
     """The committed H100 frame times against the prediction with that run's link, T_resident
-    and decoder pass: within 15% (the issue's target) for every offloaded row of both sizes
-    and every stream dtype."""
+    and decoder pass, for every offloaded row of both sizes and every stream dtype: the
+    issue's target is 15%; they measured -5.1% to +0.9% (the 1.5B rows, which stream most of
+    their layers, 2-5% under), so 6% is asserted. (Before decodings shared the GPU in the
+    simulation, the 1.5B bf16-packed row at 4 GB was 10% under.)"""
     doc, rows = _h100_rows()
     offloaded = [row for row in rows if row["budget_gb"] != "full"]
     assert {(r["model"], r["stream_dtype"]) for r in offloaded} == {(m, d) for m in ("Large", "1.5B") for d in STREAM_DTYPES}
@@ -605,7 +607,7 @@ def test_prediction_against_the_h100_measurements(large, small):
             config, _h100_plan(row), row.get("link_probe_gbps", doc["link_gbps_measured"]), doc["t_resident_ms"][row["model"]],
             decoder_ms=doc["decoder_pass_ms"][row["model"]],
         )
-        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.15), (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
+        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.06), (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
 
 
 def test_link_bandwidth_without_gpu(monkeypatch):

@@ -995,9 +995,9 @@ RESIDENT_FRAME = {
         "earlier runs that day on other H100s: 21.9-22.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        13.7, 4.8, True,
+        13.9, 5.0, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), the same method as Large's, the faster of two runs "
-        "(13.68 and 14.44 ms; earlier runs that day: 13.5-13.6); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "(13.89 and 14.12 ms; earlier runs that day on other H100s: 13.5-13.7); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
 """T_resident per released size. With the frame replayed from CUDA graphs the GPU, not the
@@ -1007,18 +1007,9 @@ DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
 # GPU time to decode a streamed staged layer (dequant.dequantise, the fused kernels), per GB
 # of model-dtype layer, for a Large layer (0.466 GB) on an H100
-# (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json): fp8 0.385 ms (0.33 in
-# the latest run), bf16-packed 0.458 ms (expected 0.45 from fp8's rate and its bytes).
-DECODE_MS_PER_GB = {"fp8": 0.82, "bf16-packed": 0.98}
-# While layers stream, the rest of the frame (token choice, the speech graph's replay,
-# copying the audio out) takes longer than with everything resident: fitted on H100 rows
-# when the layers still ran eagerly (bench/results/NVIDIA-H100-80GB-HBM3-20261127.json at
-# commit 5d759aa), and still within 0-5% of every bf16 row with every graph in place.
-# (A second term, 0.5 ms of compute-stream time per streamed fp8 layer, fitted then, is
-# gone: with the layers and dequantisation replayed from graphs it predicted 20.5 ms for
-# the 1.5B fp8 row at 4 GB that measured 17.1; the simulation without it says 17.9.)
-# bench/planner_accuracy.py checks the model on other cases.
-STREAMING_SLOWS_THE_REST = 1.15
+# (bench/results/NVIDIA-H100-80GB-HBM3-20261127-dequant-Large.json): fp8 0.386 ms (0.33-0.39
+# over the day's runs), bf16-packed 0.480 ms.
+DECODE_MS_PER_GB = {"fp8": 0.82, "bf16-packed": 1.03}
 
 # Pinned host->device GB/s by PCIe generation (x16), used when no GPU can be measured.
 # 4 and 5 are measured figures from PERFORMANCE.md; 3 is half of 4.
@@ -1079,14 +1070,20 @@ def simulate_frame_ms(
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
     slot is free: bf16, when the layer copied into it by copy j - S has finished; a staged
     format (`staged`), when that layer's decoding has finished. Decodings (`dequant_ms`
-    each) run in order on their own stream, alongside compute, into one of
-    `compute_buffers` compute buffers: decoding j starts when copy j is done and layer
-    j - compute_buffers has left its buffer (with one, right after the previous layer ran).
-    A streamed layer starts when the compute stream is free and its copy (staged: its
-    decoding) is done, and takes `layer_ms`. With `encoded_residents` (staged) the resident
-    layers are decoded too, in the same order and buffers, with nothing to copy.
-    So a ring of S slots can only get S layers ahead while the diffusion head and
-    tokenizers run (and resident layers next to them): shallow rings leave the link idle there.
+    each) are queued in order on their own stream into one of `compute_buffers` compute
+    buffers: decoding j may start when copy j is done and layer j - compute_buffers has left
+    its buffer (with one, right after the previous layer ran). A layer may start when the
+    previous one ended and its copy (staged: its decoding) is done. With
+    `encoded_residents` (staged) the resident layers are decoded too, in the same order and
+    buffers, with nothing to copy.
+
+    Decodings and layers share the GPU: of the two streams' next pieces of work, the one
+    ready first runs, and the other waits for it. (On the H100 a decoding running beside
+    the layers did not overlap them: the 1.5B decoder pass took 4.8 ms resident, 6.1 ms
+    with 17 fp8 decodings of 0.077 ms and 7.4 ms with 28 bf16-packed ones of 0.092 ms,
+    the sums to 2%.) So decoding is free only while the layers wait for the link, and a
+    ring of S slots can only get S layers ahead while the diffusion head and tokenizers run
+    (and resident layers next to them): shallow rings leave the link idle there.
     """
     residents = set((residency_order(num_layers) if order is None else order)[:resident])
     copy_index = {layer: j for j, layer in enumerate(i for i in range(num_layers) if i not in residents)}
@@ -1095,41 +1092,61 @@ def simulate_frame_ms(
     if streamed <= 0 and not decodes_residents:
         return num_layers * layer_ms + other_ms
     depth = min(depth, streamed)
-    copy_engine_free = dequant_engine_free = 0.0
-    slot_free = [0.0] * depth
-    buffer_free = [0.0] * compute_buffers  # staged: when each compute buffer's last layer has run
-    copy_done: list[float] = []
-    decodings = 0
-    t = 0.0
-    starts = []
+
+    # The compute stream's work in order: (ms, the decoding it needs or None, the copy it needs or None)
+    # per layer, then the rest of the frame; and the decodings' copies, in their order.
+    computes: list[tuple[float, int | None, int | None]] = []
+    decode_copies: list[int | None] = []
+    frame_ends: list[int] = []
     for frame in range(frames):
-        starts.append(t)
         for layer in range(num_layers):
-            if layer in residents and not decodes_residents:
-                t += layer_ms
-                continue
-            ready = 0.0  # an encoded resident: nothing to copy
-            if layer not in residents:
-                j = frame * streamed + copy_index[layer]  # this layer's copy in the global order
-                while len(copy_done) < j + depth:  # the ring runs `depth` copies ahead
-                    c = len(copy_done)
-                    begin = max(copy_engine_free, slot_free[c % depth])
-                    copy_engine_free = begin + copy_ms
-                    copy_done.append(copy_engine_free)
-                ready = copy_done[j]
-            if staged:
-                buffer = decodings % compute_buffers
-                decodings += 1
-                dequant_engine_free = max(ready, dequant_engine_free, buffer_free[buffer]) + dequant_ms
-                if layer not in residents:
-                    slot_free[j % depth] = dequant_engine_free
-                t = max(t, dequant_engine_free) + layer_ms
-                buffer_free[buffer] = t
+            copy = frame * streamed + copy_index[layer] if layer in copy_index else None
+            if staged and (copy is not None or decodes_residents):
+                decode_copies.append(copy)
+                computes.append((layer_ms, len(decode_copies) - 1, None))
             else:
-                t = max(t, ready) + layer_ms
-                slot_free[j % depth] = t
-        t += other_ms
-    return (t - starts[warmup]) / (frames - warmup)
+                computes.append((layer_ms, None, copy))
+        computes.append((other_ms, None, None))
+        frame_ends.append(len(computes) - 1)
+    decoded_by = {d: i for i, (_, d, _) in enumerate(computes) if d is not None}
+
+    slot_free_at: dict[int, float] = {}  # copy j -> when slot j % S may take copy j + S
+    copy_done: list[float] = []
+
+    def copied(j: int) -> float:
+        while len(copy_done) <= j:  # the copy engine runs the copies in order
+            c = len(copy_done)
+            copy_done.append(max(copy_done[-1] if copy_done else 0.0, slot_free_at.get(c - depth, 0.0)) + copy_ms)
+        return copy_done[j]
+
+    ended: list[float] = []  # per compute item
+    decoded: list[float] = []  # per decoding
+    gpu = compute_free = decode_free = 0.0
+    while len(ended) < len(computes):
+        ms, needs_decode, needs_copy = computes[len(ended)]
+        compute_ready = None
+        if needs_decode is None:
+            compute_ready = max(compute_free, copied(needs_copy) if needs_copy is not None else 0.0)
+        elif needs_decode < len(decoded):
+            compute_ready = max(compute_free, decoded[needs_decode])
+        decode_ready = None
+        d = len(decoded)
+        if d < len(decode_copies):
+            frees = decoded_by[d - compute_buffers] if d >= compute_buffers else None  # the layer leaving its buffer
+            if frees is None or frees < len(ended):
+                copy = decode_copies[d]
+                decode_ready = max(decode_free, copied(copy) if copy is not None else 0.0, ended[frees] if frees is not None else 0.0)
+        if compute_ready is not None and (decode_ready is None or compute_ready <= decode_ready):
+            gpu = compute_free = max(compute_ready, gpu) + ms
+            ended.append(gpu)
+            if needs_copy is not None:
+                slot_free_at[needs_copy] = gpu
+        else:
+            gpu = decode_free = max(decode_ready, gpu) + dequant_ms
+            decoded.append(gpu)
+            if decode_copies[d] is not None:
+                slot_free_at[decode_copies[d]] = gpu
+    return (ended[frame_ends[-1]] - ended[frame_ends[warmup - 1]]) / (frames - warmup)
 
 
 def _copy_ms(nbytes: int, link_gbps: float) -> float:
@@ -1186,7 +1203,7 @@ def predict_ms_per_frame(
         return t_resident
     link = max((sizes.stream_bytes(i, plan.stream_dtype) for i in streamed), default=0)
     dequant_ms = DECODE_MS_PER_GB[plan.stream_dtype] * max(sizes.layers[i] for i in decoded) / GB if decoded else 0.0
-    other_ms = (t_resident - decoder_ms) * (STREAMING_SLOWS_THE_REST if streamed else 1.0)
+    other_ms = t_resident - decoder_ms
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, other_ms, _copy_ms(link, link_gbps),
         staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
