@@ -19,11 +19,8 @@
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 #   decode   GPU tests and both sizes' decoding kernels; if the tests pass, 1.5B, this project
 #            and every peer (resumes the JSON)
-#   parts    GPU tests; if they pass, Large in a JSON of its own: this project with layers
-#            crossing in two parts (bf16 rows for T_resident) and diffusers, then in whole
-#            layers (bf16-packed), the same machine
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | parts}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -80,15 +77,6 @@ case $phase in
     grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
     timeout 280 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
       2>&1 | tee "$OUT/bench-1.5B.log"
-    ;;
-  parts)
-    timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
-    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
-    mkdir -p "$OUT/parts"
-    timeout 270 python3 bench/offload_bench.py --models Large --methods ours diffusers --dtypes bf16 bf16-packed \
-      --staging-parts 2 --peer-frames 20 --out "$OUT/parts" 2>&1 | tee "$OUT/parts/bench-Large-2-parts.log"
-    timeout 140 python3 bench/offload_bench.py --resume "$OUT/parts/$(basename "$RUN")" --models Large --methods ours \
-      --dtypes bf16-packed --staging-parts 1 --out "$OUT/parts" 2>&1 | tee "$OUT/parts/bench-Large-1-part.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

@@ -293,7 +293,7 @@ class Bench:
         self.write()
         brief = {k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()
                  if k2 in ("model", "method", "stream_dtype", "budget_gb", "streamed_layers", "ms_per_frame", "rtf", "bound_ms",
-                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "compute_buffers", "encoded_residents", "staging_parts", "resident_layers", "frame_resident_layers", "frame_prefetch_depth", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
+                           "vs_bound", "peak_vram_reserved_gb", "host_ram_vs_model", "host_ram_anonymous_vs_model", "wait_ms_per_frame", "prefetch_depth", "compute_buffers", "encoded_residents", "resident_layers", "frame_resident_layers", "frame_prefetch_depth", "predicted_ms", "link_gbps", "frames", "tokens", "error")}
         log("ROW", json.dumps(brief))
         return row
 
@@ -341,7 +341,6 @@ class Bench:
                             config, round(budget * GB), stream_dtype=dtype, prefetch_depth=None if self.args.deep else 2,
                             embed_on_host=True, dtype=self.dtype, workload=workload, link_gbps=self.link, resident_ms=t_res,
                             decoder_ms=dec_ms, frame_extension=self.args.frame_extension,
-                            staging_parts=self.args.staging_parts if dtype != "bf16" else None,
                         )
                     except PlanError as exc:
                         self.rows.append({"model": size, "method": "ours", "stream_dtype": dtype, "budget_gb": budget, "error": f"PlanError: {exc}"})
@@ -414,7 +413,6 @@ class Bench:
             res["prefetch_depth"] = plan.prefetch_depth
             res["compute_buffers"] = plan.compute_buffers if plan.staged else None
             res["encoded_residents"] = plan.encoded_residents
-            res["staging_parts"] = plan.staging_parts
             # the frames' residency and ring (the frame extension; the bound's k is the frames')
             res["frame_layers"], res["frame_slots"] = plan.frame_layers, plan.frame_slots
             res["frame_resident_layers"] = stats["offload_frame_resident_layers"]
@@ -653,8 +651,6 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="time the stages of a resident frame and profile it")
     parser.add_argument("--no-deep", dest="deep", action="store_false",
                         help="plan with prefetch depth 2 instead of letting plan_auto choose the ring depth per budget")
-    parser.add_argument("--staging-parts", type=int, choices=(1, 2),
-                        help="fp8 and bf16-packed: plan with layers crossing in this many parts (default: plan_auto chooses)")
     parser.add_argument("--no-frame-extension", dest="frame_extension", action="store_false",
                         help="plan without the frame extension (the prompt's VRAM idle during the frames)")
     parser.add_argument("--graphs", choices=("all", "speech", "none"), default="all",

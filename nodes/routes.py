@@ -170,11 +170,9 @@ def compute_plan(body: dict) -> dict[str, Any]:
     kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
     # plan_auto rates plans by speed: it must never measure the link from here. The node's
-    # engine keeps two compute buffers for a staged stream dtype, whole-layer staging slots,
-    # and its residents as `node_plan` does (its residency follows ComfyUI's grant).
-    auto_kw = dict(
-        kw, link_gbps=link, compute_buffers=2, encoded_residents=planner.encoded_residents_for(stream_dtype), staging_parts=1,
-    )
+    # engine keeps two compute buffers for a staged stream dtype, and its residents as
+    # `node_plan` does (its residency follows ComfyUI's grant).
+    auto_kw = dict(kw, link_gbps=link, compute_buffers=2, encoded_residents=planner.encoded_residents_for(stream_dtype))
 
     error = None
     if mode == "auto":

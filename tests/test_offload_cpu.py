@@ -52,9 +52,6 @@ def engine_for(tiny_model_dir, plan, dtype=None):
 @pytest.mark.parametrize("plan", [
     OffloadPlan(5, "bf16"), OffloadPlan(-1, "bf16"), OffloadPlan(2, "int4"), OffloadPlan(2, "bf16", prefetch_depth=1),
     OffloadPlan(2, "bf16", frame_layers=3), OffloadPlan(2, "bf16", frame_slots=-1), OffloadPlan(2, "bf16", frame_layers=True),
-    OffloadPlan(2, "bf16", staging_parts=2),  # a bf16 layer runs from its slot: it cannot cross in parts
-    OffloadPlan(2, "fp8", prefetch_depth=3, staging_parts=2), OffloadPlan(2, "fp8", frame_slots=1, staging_parts=2),
-    OffloadPlan(2, "fp8", staging_parts=3),
 ])
 def test_engine_refuses_invalid_plans(tiny_model_dir, plan):
     vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
@@ -137,21 +134,19 @@ def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
     engine.close()
 
 
-@pytest.mark.parametrize("compute_buffers,parts", [(2, 1), (1, 1), (1, 2)])
-def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, compute_buffers, parts):
+@pytest.mark.parametrize("compute_buffers", [2, 1])
+def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, compute_buffers):
     """fp8 streaming adds no error beyond the rounding: the same audio as a resident model whose
     streamed layers' linear weights were quantised and dequantised (row scales, float32).
-    With one compute buffer each layer is dequantised into it only once the previous one ran;
-    in two parts, into the staging slots of the larger part."""
+    With one compute buffer each layer is dequantised into it only once the previous one ran."""
     from vibevoice_offload.fp8 import quantize_fp8
 
     voices, _ = reference
-    plan = OffloadPlan(2, "fp8", prefetch_depth=3 * parts, compute_buffers=compute_buffers, staging_parts=parts)
+    plan = OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=compute_buffers)
     vv, engine = engine_for(tiny_model_dir, plan)
     streamed = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     assert len(engine._ring.computes) == compute_buffers
-    slot = max(part.nbytes for _, part in engine.stream_layout.split(parts))
-    assert engine.slot_bytes == compute_buffers * engine.native.nbytes + 2 * parts * slot
+    assert engine.slot_bytes == compute_buffers * engine.native.nbytes + 2 * engine.stream_layout.nbytes
     engine.close()
     rounded = VibeVoice.load(tiny_model_dir, dtype="fp32")
     with torch.no_grad():
@@ -164,19 +159,17 @@ def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, comput
     assert torch.equal(streamed, expected)
 
 
-@pytest.mark.parametrize("resident,depth,compute_buffers,encoded,parts", [
-    (2, 2, 2, False, 1), (0, 3, 1, False, 1), (1, 2, 1, False, 1), (LAYERS, 2, 2, False, 1),
-    (2, 2, 2, True, 1), (1, 2, 1, True, 1), (LAYERS, 2, 1, True, 1), (LAYERS, 2, 2, True, 1),
-    (2, 2, 1, False, 2), (0, 4, 2, False, 2), (1, 2, 1, True, 2), (3, 6, 2, True, 2),
+@pytest.mark.parametrize("resident,depth,compute_buffers,encoded", [
+    (2, 2, 2, False), (0, 3, 1, False), (1, 2, 1, False), (LAYERS, 2, 2, False),
+    (2, 2, 2, True), (1, 2, 1, True), (LAYERS, 2, 1, True), (LAYERS, 2, 2, True),
 ])
-def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers, encoded, parts):
+def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers, encoded):
     """The 12-bit format loses nothing: the same audio as the resident bf16 model, with the
     layers decoded into one or two compute buffers, resident layers too when they are kept
-    encoded, and with the layers crossing in two parts (each decoded out of its own slot).
-    (At these tiny shapes the packed slab is not smaller: each part is aligned to 256
-    bytes; test_planner checks the real shapes.)"""
+    encoded. (At these tiny shapes the packed slab is not smaller: each part is aligned to
+    256 bytes; test_planner checks the real shapes.)"""
     voices, _ = reference
-    plan = OffloadPlan(resident, "bf16-packed", depth, compute_buffers=compute_buffers, encoded_residents=encoded, staging_parts=parts)
+    plan = OffloadPlan(resident, "bf16-packed", prefetch_depth=depth, compute_buffers=compute_buffers, encoded_residents=encoded)
     vv, engine = engine_for(tiny_model_dir, plan)
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     stats = engine.stats()
@@ -184,8 +177,7 @@ def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference
     if resident < LAYERS or encoded:
         assert len(engine._ring.computes) == compute_buffers
         assert stats["offload_bytes_streamed"] == stats["offload_copies"] * engine.stream_layout.nbytes
-        # each copy is a layer; the ring primes its slots' worth of layers for a pass that never comes
-        assert stats["offload_copies"] == stats["offload_passes"] * (LAYERS - resident) + plan.ring_slots(LAYERS) // parts
+        assert stats["offload_copies"] == stats["offload_passes"] * (LAYERS - resident) + min(depth, LAYERS - resident)
     layers = vv.model.model.language_model.layers
     if resident < LAYERS:
         assert layers[LAYERS - 1].mlp.up_proj.weight.is_meta  # the packed slab is the only host copy
@@ -228,7 +220,7 @@ def _trace(engine):
     def issue(layer):
         original(layer)
         use = engine._queue[-1]
-        issued.extend((use.layer, slot.index) for slot in use.slots)
+        issued.append((use.layer, use.slot.index))
 
     engine._issue_copy = issue
     return issued
@@ -250,27 +242,6 @@ def test_prefetch_runs_cyclically_across_passes_and_slots_rotate(tiny_model_dir,
     assert [slot for _, slot in issued] == [c % depth for c in range(len(issued))]
     # the last pass already issued the first layers of a pass that never came: prefetch across frames
     assert len(issued) == SETTINGS.max_frames * len(streamed) + depth
-    engine.close()
-
-
-@pytest.mark.parametrize("stream_dtype", ["fp8", PACKED])
-def test_layers_in_two_parts_cross_in_order_each_part_into_its_own_slots(tiny_model_dir, reference, stream_dtype):
-    """With staging_parts 2 each streamed layer is two copies, cut between tensors: the first
-    part always into even slots, the second into odd ones, the copies still in the cyclic
-    layer order across passes; the two parts together are the layer's slab."""
-    voices, _ = reference
-    plan = OffloadPlan(1, stream_dtype, prefetch_depth=4, compute_buffers=1, staging_parts=2)
-    vv, engine = engine_for(tiny_model_dir, plan)
-    issued = _trace(engine)
-    vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
-    streamed = list(plan.streamed_indices(LAYERS))
-    assert [layer for layer, _ in issued] == [streamed[(c // 2) % len(streamed)] for c in range(len(issued))]
-    assert [slot for _, slot in issued] == [c % 4 for c in range(len(issued))]
-    (start0, first), (start1, second) = engine._ring.parts
-    assert start0 == 0 and start1 == first.nbytes and first.nbytes + second.nbytes == engine.stream_layout.nbytes
-    names = lambda layout: [e.name for e in layout.entries]  # noqa: E731
-    assert names(first) + names(second) == names(engine.stream_layout)
-    assert len(issued) == 2 * (SETTINGS.max_frames * len(streamed) + 2)  # and two layers primed for the next pass
     engine.close()
 
 
@@ -299,7 +270,7 @@ def test_encoded_residents_are_decoded_in_turn_and_never_copied(tiny_model_dir, 
     original = engine._dequantise
 
     def dequantise(use):
-        decoded.append((use.layer, use.slots[0].index, use.copied))
+        decoded.append((use.layer, use.slot.index, use.copied))
         original(use)
 
     engine._dequantise = dequantise

@@ -95,16 +95,14 @@ def test_bf16_streaming_is_bit_identical_to_resident(mid_dir, voices):
     print("bf16 stats", stats)
 
 
-@pytest.mark.parametrize("compute_buffers,encoded,parts", [(2, False, 1), (1, False, 1), (2, True, 1), (1, True, 1), (2, False, 2), (1, True, 2)])
-def test_packed_streaming_is_bit_identical_to_resident(mid_dir, voices, compute_buffers, encoded, parts):
+@pytest.mark.parametrize("compute_buffers,encoded", [(2, False), (1, False), (2, True), (1, True)])
+def test_packed_streaming_is_bit_identical_to_resident(mid_dir, voices, compute_buffers, encoded):
     """bf16-packed streaming (12 bits a weight, decoded on the GPU by the Triton kernels)
     writes the resident model's bits, every graph on, with fewer bytes per copy than bf16;
-    with encoded residents too (the resident layers decoded from their fixed slots), and
-    with the layers crossing in two parts (each part's copy and decoding ordered by its own
-    slot's events)."""
+    with encoded residents too (the resident layers decoded from their fixed slots)."""
     settings = GenerationSettings(cfg=1.3, steps=5, seed=11, max_frames=12)
     reference = resident_reference(mid_dir, voices, settings)
-    plan = OffloadPlan(2, "bf16-packed", 3 * parts, compute_buffers=compute_buffers, encoded_residents=encoded, staging_parts=parts)
+    plan = OffloadPlan(2, "bf16-packed", prefetch_depth=3, compute_buffers=compute_buffers, encoded_residents=encoded)
     streamed, stats = run_engine(mid_dir, voices, settings, plan)
     assert streamed.stats["decoder_layer_graphs"] > 0 and streamed.stats["speech_graph"]
     assert torch.equal(reference.waveform, streamed.waveform), (reference.waveform - streamed.waveform).abs().max()
@@ -192,15 +190,12 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
 
 
-@pytest.mark.parametrize("stream_dtype,compute_buffers,encoded,parts", [
-    ("fp8", 2, False, 1), ("fp8", 1, False, 1), ("bf16-packed", 1, False, 1), ("bf16-packed", 2, True, 1), ("bf16-packed", 1, True, 2),
+@pytest.mark.parametrize("stream_dtype,compute_buffers,encoded", [
+    ("fp8", 2, False), ("fp8", 1, False), ("bf16-packed", 1, False), ("bf16-packed", 2, True),
 ])
-def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers, encoded, parts):
+def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers, encoded):
     vv = load(mid_dir)
-    plan = OffloadPlan(
-        2 if encoded else 1, stream_dtype, prefetch_depth=4 * parts, compute_buffers=compute_buffers, encoded_residents=encoded,
-        staging_parts=parts,
-    )
+    plan = OffloadPlan(2 if encoded else 1, stream_dtype, prefetch_depth=5, compute_buffers=compute_buffers, encoded_residents=encoded)
     engine = OffloadEngine(vv.model, plan, "cuda")
     engine.load()
     prompt = build_prompt(vv.tokenizer, vv.model.config, SCRIPT, voices)
@@ -221,19 +216,15 @@ def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, com
 
 def test_one_compute_buffer_writes_the_same_bits(mid_dir, voices):
     """fp8 with one compute buffer (each layer dequantised only once the previous one ran:
-    the smallest ring), and with the layers crossing in two parts, writes the same bits as
-    with two compute buffers (dequantised a layer ahead, while the previous one computes),
-    every graph on."""
+    the smallest ring) writes the same bits as with two (dequantised a layer ahead, while
+    the previous one computes), every graph on."""
     settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=12)
-    plans = {
-        "two buffers": OffloadPlan(2, "fp8", prefetch_depth=3), "one buffer": OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=1),
-        "two parts": OffloadPlan(2, "fp8", prefetch_depth=4, compute_buffers=1, staging_parts=2),
+    runs = {
+        buffers: run_engine(mid_dir, voices, settings, OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=buffers))[0]
+        for buffers in (2, 1)
     }
-    runs = {name: run_engine(mid_dir, voices, settings, plan)[0] for name, plan in plans.items()}
-    assert runs["one buffer"].stats["decoder_layer_graphs"] > 0 and runs["one buffer"].stats["speech_graph"]
-    assert runs["one buffer"].waveform.numel() > 0
-    assert torch.equal(runs["one buffer"].waveform, runs["two buffers"].waveform)
-    assert torch.equal(runs["two parts"].waveform, runs["two buffers"].waveform)
+    assert runs[1].stats["decoder_layer_graphs"] > 0 and runs[1].stats["speech_graph"]
+    assert runs[1].waveform.numel() > 0 and torch.equal(runs[1].waveform, runs[2].waveform)
 
 
 def _rss() -> int:

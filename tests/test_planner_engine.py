@@ -69,9 +69,6 @@ def _plans(num_layers: int) -> list[OffloadPlan]:
         OffloadPlan(resident, "bf16-packed", 2, compute_buffers=buffers, encoded_residents=True)
         for resident in (0, some, num_layers) for buffers in (2, 1)
     ]
-    # layers crossing in two parts: the staging slots hold the larger part
-    plans += [OffloadPlan(resident, "fp8", 2, compute_buffers=1, staging_parts=2) for resident in (0, num_layers - 1)]
-    plans += [OffloadPlan(some, "bf16-packed", 4, staging_parts=2, encoded_residents=encoded) for encoded in (False, True)]
     return plans
 
 
@@ -99,7 +96,6 @@ def _case_id(case) -> str:
     extra = ("-embed_on_host" if plan.embed_on_host else "") + ("-pageable" if not plan.pinned else "")
     extra += "-one_compute_buffer" if plan.compute_buffers == 1 else ""
     extra += "-encoded_residents" if plan.encoded_residents else ""
-    extra += f"-{plan.staging_parts}_parts" if plan.staging_parts > 1 else ""
     return f"{name}-{dtype}-r{plan.resident_layers}-{plan.stream_dtype}-d{plan.prefetch_depth}{extra}"
 
 
@@ -129,8 +125,7 @@ def test_estimate_is_what_the_engine_allocates(folders, case):
     OffloadPlan(2, "bf16", 2, frame_layers=4), OffloadPlan(0, "fp8", 3, frame_layers=5),
     OffloadPlan(1, "bf16-packed", 2, frame_layers=2, frame_slots=1, encoded_residents=True),
     OffloadPlan(2, "bf16-packed", 2, compute_buffers=1, frame_layers=4, encoded_residents=True),
-    OffloadPlan(1, "bf16-packed", 2, compute_buffers=1, frame_layers=1, frame_slots=2, encoded_residents=True, staging_parts=2),
-], ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}+{p.frame_layers}+{p.frame_slots}{'-encoded' if p.encoded_residents else ''}-p{p.staging_parts}")
+], ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}+{p.frame_layers}+{p.frame_slots}{'-encoded' if p.encoded_residents else ''}")
 def test_frame_extension_is_what_the_engine_adds_for_the_frames(folders, plan):
     """`Estimate.frame_extension` is exactly what `begin_frames` adds to the engine's device
     bytes (the last two plans make every layer resident for the frames: the ring goes)."""
@@ -197,9 +192,8 @@ def test_the_models_need_slab_padding(folders, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", [OffloadPlan(0, "bf16", 3), OffloadPlan(3, "fp8", 3), OffloadPlan(6, "bf16"), OffloadPlan(2, "fp8", 2, embed_on_host=True),
                                   OffloadPlan(1, "fp8", 3, compute_buffers=1), OffloadPlan(1, "bf16-packed", 3, compute_buffers=1),
-                                  OffloadPlan(4, "bf16-packed", 2, compute_buffers=1, encoded_residents=True),
-                                  OffloadPlan(2, "bf16-packed", 2, compute_buffers=1, encoded_residents=True, staging_parts=2)],
-                         ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}-c{p.compute_buffers}{'-encoded' if p.encoded_residents else ''}-p{p.staging_parts}")
+                                  OffloadPlan(4, "bf16-packed", 2, compute_buffers=1, encoded_residents=True)],
+                         ids=lambda p: f"r{p.resident_layers}-{p.stream_dtype}-d{p.prefetch_depth}-c{p.compute_buffers}{'-encoded' if p.encoded_residents else ''}")
 def test_estimate_against_cuda_allocations(folders, plan):
     """On the GPU the engine's count is real memory: memory_allocated() rises by the weight
     estimate plus the caching allocator's rounding: each tensor up to a multiple of 512

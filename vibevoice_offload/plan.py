@@ -100,15 +100,6 @@ class OffloadPlan:
     more of them, for 28 decodings a frame (Large: 0.46 ms of GPU time each) where the
     frame waits on the link anyway. (fp8 residents would be rounded: not offered.)"""
 
-    staging_parts: int = 1
-    """Staged streaming only: each streamed layer crosses the link in this many parts (1 or
-    2), cut between its tensors, each into a staging slot of its own sized for the larger
-    part; `prefetch_depth` and `frame_slots` then count those slots (multiples of it). With
-    2 the next layer's first part is decoded while its second one crosses, so two slots
-    keep the link busy in about 0.58x the VRAM of two whole-layer slots (Large, bf16-packed:
-    207 against 354 MB a slot), and a layer's copy never waits for the whole previous layer
-    to be decoded out of a slot."""
-
     @property
     def staged(self) -> bool:
         """Streamed layers are decoded on the GPU (fp8, bf16-packed), not run from their slot."""
@@ -129,11 +120,6 @@ class OffloadPlan:
         if not self.staged:
             return ()
         return tuple(range(num_layers)) if self.encoded_residents else self.streamed_indices(num_layers)
-
-    def ring_slots(self, num_layers: int) -> int:
-        """The ring's rotating slots: `prefetch_depth`, but no more than the streamed layers'
-        parts (a slot that no copy could fill is not built)."""
-        return min(self.prefetch_depth, self.staging_parts * (num_layers - self.resident_layers))
 
     def in_frames(self) -> "OffloadPlan":
         """The residency and ring in effect while frames are generated (the plan itself
@@ -166,14 +152,6 @@ class OffloadPlan:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.compute_buffers not in (1, 2) or isinstance(self.compute_buffers, bool):
             raise ValueError(f"compute_buffers must be 1 or 2, got {self.compute_buffers!r}")
-        if self.staging_parts not in (1, 2) or isinstance(self.staging_parts, bool):
-            raise ValueError(f"staging_parts must be 1 or 2, got {self.staging_parts!r}")
-        if self.staging_parts > 1:
-            if not self.staged:
-                raise ValueError("staging_parts > 1 needs a staged stream_dtype (fp8, bf16-packed); bf16 layers run from their slot whole")
-            for name in ("prefetch_depth", "frame_slots"):
-                if getattr(self, name) % self.staging_parts:
-                    raise ValueError(f"{name}={getattr(self, name)} must be a multiple of staging_parts={self.staging_parts}: each layer takes that many slots")
         if not isinstance(self.encoded_residents, bool):
             raise ValueError(f"encoded_residents must be a bool, got {self.encoded_residents!r}")
         if self.encoded_residents and self.stream_dtype != "bf16-packed":

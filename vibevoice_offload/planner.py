@@ -34,7 +34,7 @@ from .decoder_pass import round_up as kv_positions
 from .errors import VibeVoiceError
 from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
-from .offload.host_slabs import ALIGN as SLAB_ALIGN, balanced_cuts
+from .offload.host_slabs import ALIGN as SLAB_ALIGN
 from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, residency_order
 from .offload.gpu_slots import ring_nbytes
 
@@ -186,11 +186,6 @@ class ModelSizes:
     """Each decoder layer as streamed bf16-packed (the engine's PACKED slab): nn.Linear
     weights in `bf16_packing`'s parts (1.5 bytes per element plus the exception list), each
     padded to 256 bytes, plus biases and norms as they are."""
-    halves_fp8: tuple[int, ...]
-    """The larger of each decoder layer's two parts in fp8 (`OffloadPlan.staging_parts` 2:
-    the slab cut between tensors by `host_slabs.balanced_cuts`): one staging slot."""
-    halves_packed: tuple[int, ...]
-    """The same for bf16-packed."""
     embed_tokens: int
     lm_head: int
     """0 when tied to `embed_tokens` (1.5B)."""
@@ -220,12 +215,6 @@ class ModelSizes:
         by_dtype = {"bf16": self.layers, "bf16-packed": self.layers_packed, "fp8": self.layers_fp8}
         return by_dtype[stream_dtype][index]
 
-    def staging_slot_bytes(self, index: int, stream_dtype: StreamDtype, parts: int) -> int:
-        """Bytes of one staging slot for decoder layer `index` crossing in `parts` parts."""
-        if parts == 1:
-            return self.stream_bytes(index, stream_dtype)
-        return {"bf16-packed": self.halves_packed, "fp8": self.halves_fp8}[stream_dtype][index]
-
     def resident_bytes(self, index: int, plan: OffloadPlan) -> int:
         """Bytes of decoder layer `index` kept on the GPU under `plan`: packed for encoded
         residents, else in the model dtype."""
@@ -236,33 +225,21 @@ def _align(nbytes: int) -> int:
     return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
 
 
-def _tensor_bytes(layer: _LayerCensus, itemsize: int, stream_dtype: StreamDtype) -> list[int]:
-    """Bytes of each tensor of one decoder layer in the engine's slab layout
-    (`host_slabs.SlabLayout`, one of its `groups()` each): every entry at a 256-byte-aligned
-    offset. fp8: a Linear weight becomes 1-byte elements plus a separately aligned float32
-    scale per row; bf16-packed: its low bytes and each further part of `bf16_packing`,
-    separately aligned."""
-    sizes = []
+def _slab_bytes(layer: _LayerCensus, itemsize: int, stream_dtype: StreamDtype) -> int:
+    """Bytes of one decoder layer in the engine's slab layout (`host_slabs.SlabLayout`): each
+    tensor at a 256-byte-aligned offset. fp8: a Linear weight becomes 1-byte elements plus a
+    separately aligned float32 scale per row; bf16-packed: its low bytes and each further
+    part of `bf16_packing`, separately aligned."""
+    total = 0
     for t in layer.tensors:
         if stream_dtype == "fp8" and t.rows:
-            sizes.append(_align(t.numel * FP8_DTYPE.itemsize) + _align(t.rows * FP8_SCALE_DTYPE.itemsize))
+            total += _align(t.numel * FP8_DTYPE.itemsize) + _align(t.rows * FP8_SCALE_DTYPE.itemsize)
         elif stream_dtype == "bf16-packed" and t.rows:
             parts = packed_nbytes(t.numel).values()
-            sizes.append(_align(t.numel) + sum(_align(math.prod(shape) * dtype.itemsize) for shape, dtype in parts))
+            total += _align(t.numel) + sum(_align(math.prod(shape) * dtype.itemsize) for shape, dtype in parts)
         else:
-            sizes.append(_align(t.numel * (t.itemsize or itemsize)))
-    return sizes
-
-
-def _slab_bytes(layer: _LayerCensus, itemsize: int, stream_dtype: StreamDtype) -> int:
-    return sum(_tensor_bytes(layer, itemsize, stream_dtype))
-
-
-def _larger_half(layer: _LayerCensus, itemsize: int, stream_dtype: StreamDtype) -> int:
-    """The larger part of the layer's slab cut in two between tensors (`SlabLayout.split(2)`)."""
-    sizes = _tensor_bytes(layer, itemsize, stream_dtype)
-    (cut,) = balanced_cuts(sizes, 2)
-    return max(sum(sizes[:cut]), sum(sizes[cut:]))
+            total += _align(t.numel * (t.itemsize or itemsize))
+    return total
 
 
 def model_sizes(config: VibeVoiceConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
@@ -280,8 +257,6 @@ def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> Mode
         layers=tuple(_slab_bytes(c, itemsize, "bf16") for c in census.layers),
         layers_fp8=tuple(_slab_bytes(c, itemsize, "fp8") for c in census.layers),
         layers_packed=tuple(_slab_bytes(c, itemsize, "bf16-packed") for c in census.layers),
-        halves_fp8=tuple(_larger_half(c, itemsize, "fp8") for c in census.layers),
-        halves_packed=tuple(_larger_half(c, itemsize, "bf16-packed") for c in census.layers),
         embed_tokens=part("embed_tokens"),
         lm_head=part("lm_head"),
         lm_head_slice=LM_HEAD_ROWS * config.text_config.hidden_size * itemsize,
@@ -462,10 +437,10 @@ class Estimate:
     and the two latent scalars. The full lm_head never goes to the GPU."""
     slots: int
     """The engine's streaming ring (`gpu_slots.SlotRing`), 0 when nothing is streamed. With
-    S = `OffloadPlan.ring_slots` (the engine never builds more slots than parts of layers
-    to stream): bf16 streaming, S model-dtype slots of one layer each; staged streaming
-    (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and their other
-    parts, biases and norms; or its larger part, `staging_parts`) plus the plan's `compute_buffers` (1 or 2)
+    S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
+    layers to stream): bf16 streaming, S model-dtype slots of one layer each; staged
+    streaming (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and
+    their other parts, biases and norms) plus the plan's `compute_buffers` (1 or 2)
     model-dtype compute buffers that the layers are decoded into in turn, on a stream of
     their own (with 2, one layer ahead of compute). Encoded residents need the compute
     buffers even when nothing is streamed."""
@@ -540,14 +515,14 @@ class Estimate:
 
 def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest decoded
-    layer, or part of one); `plan.ring_slots` slots."""
+    layer); S = min(prefetch_depth, streamed layers)."""
     streamed = plan.streamed_indices(num_layers)
     decoded = plan.decoded_indices(num_layers) if plan.staged else streamed
     if not decoded:
         return 0
     native = max(sizes.layers[i] for i in decoded)
-    staged = max(sizes.staging_slot_bytes(i, plan.stream_dtype, plan.staging_parts) for i in decoded) if plan.staged else None
-    return ring_nbytes(native, staged, plan.ring_slots(num_layers), plan.compute_buffers, plan.encoded_residents)
+    staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in decoded) if plan.staged else None
+    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers, plan.encoded_residents)
 
 
 def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
@@ -806,7 +781,6 @@ def plan_auto(
     frame_extension: bool = True,
     compute_buffers: int | None = None,
     encoded_residents: bool | None = None,
-    staging_parts: int | None = None,
 ) -> OffloadPlan:
     """The fastest plan whose estimate fits `budget_bytes`.
 
@@ -819,9 +793,7 @@ def plan_auto(
     then bf16's, and at the smallest budgets it is the only one that fits); only
     `compute_buffers` if given; then for bf16-packed all of these again with encoded
     residents (`OffloadPlan.encoded_residents`: a third more resident layers in the same
-    VRAM, each decoded before it runs; only one kind if `encoded_residents` is given); and
-    for a staged format all of these again with layers crossing in two parts
-    (`OffloadPlan.staging_parts`; depths 2, 4, ... slots; only `staging_parts` if given). A ring of S
+    VRAM, each decoded before it runs; only one kind if `encoded_residents` is given). A ring of S
     slots can only get S layers ahead while the diffusion head and tokenizers run
     (measured on the H200: depth 2 left the copies 66-187 ms per frame behind), so at
     small budgets a deep ring beats a few more resident layers. `link_gbps` defaults to
@@ -833,33 +805,26 @@ def plan_auto(
     layers and slots during the frames.
     """
     n = config.text_config.num_hidden_layers
-    staged = stream_dtype != "bf16"
-    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if staged else (2,)
+    depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
+    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype != "bf16" else (2,)
     if encoded_residents is not None:
         residencies = (encoded_residents,)
     else:
         residencies = (False, True) if stream_dtype == "bf16-packed" else (False,)
-    part_counts = (staging_parts,) if staging_parts else (1, 2) if staged else (1,)
-    if prefetch_depth is not None and not staging_parts:
-        part_counts = tuple(p for p in part_counts if prefetch_depth % p == 0)  # a depth of whole layers' parts
-    shapes = [(parts, encoded, buffers) for parts in part_counts for encoded in residencies for buffers in buffer_counts]
+    shapes = [(encoded, buffers) for encoded in residencies for buffers in buffer_counts]
     link = link_gbps
     best: OffloadPlan | None = None
     best_ms = math.inf
-    for parts, encoded, compute_buffers in shapes:
-        depths = range(2, parts * max(n, 2) + 1, parts) if prefetch_depth is None else (prefetch_depth,)
+    for encoded, compute_buffers in shapes:
         for depth in depths:
-            shape = OffloadPlan(
-                0, stream_dtype, depth, pinned, embed_on_host, compute_buffers=compute_buffers, encoded_residents=encoded,
-                staging_parts=parts,
-            )
+            shape = OffloadPlan(0, stream_dtype, depth, pinned, embed_on_host, compute_buffers=compute_buffers, encoded_residents=encoded)
             candidate, need = _most_resident(config, budget_bytes, shape, dtype, workload)
             if need > budget_bytes:
                 break  # a deeper ring only needs more
             if candidate.resident_layers == n and not encoded:
                 return candidate  # no ring at all
-            if best is not None and candidate.ring_slots(n) < depth:
-                continue  # fewer parts to stream than slots: the same ring as a shallower depth
+            if best is not None and n - candidate.resident_layers < depth:
+                continue  # fewer layers to stream than slots: the same ring as a shallower depth
             link = link_bandwidth_gbps() if link is None else link
             if frame_extension:
                 candidate = with_frame_extension(config, candidate, dtype, workload, link, resident_ms, decoder_ms)
@@ -912,7 +877,7 @@ def with_frame_extension(
     for layers in range(n - base.resident_layers + 1):
         fits = None
         streamed = n - base.resident_layers - layers
-        for slots in range(0, max(base.staging_parts * streamed - base.prefetch_depth, 0) + 1, base.staging_parts):
+        for slots in range(max(streamed - base.prefetch_depth, 0) + 1):
             candidate = dataclasses.replace(base, frame_layers=layers, frame_slots=slots)
             if _frame_extension_bytes(sizes, candidate, n) > room:
                 break
@@ -1080,8 +1045,6 @@ def default_resident_ms(config: VibeVoiceConfig) -> float:
     return resident_frame(config).ms
 
 
-
-
 def simulate_frame_ms(
     num_layers: int,
     resident: int,
@@ -1094,7 +1057,6 @@ def simulate_frame_ms(
     dequant_ms: float = 0.0,
     compute_buffers: int = 2,
     encoded_residents: bool = False,
-    parts: int = 1,
     order: Sequence[int] | None = None,
     frames: int = 10,
     warmup: int = 4,
@@ -1105,16 +1067,15 @@ def simulate_frame_ms(
     `residency_order(num_layers)`, resident, the others streamed), each `layer_ms` of compute, then `other_ms` (diffusion
     head, tokenizers, sampling).
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
-    layers across frames (staged, in `parts` parts of copy_ms / parts each); copy j goes
-    into slot j % S (S = min(depth, streamed x parts)) once that slot is free: bf16, when the
-    layer copied into it by copy j - S has finished; a staged format (`staged`), when that
-    part's decoding has finished. Decodings (`dequant_ms` a layer, split like its copy) are
-    queued in order on their own stream into one of `compute_buffers` compute buffers: a
-    layer's decoding may start when layer - compute_buffers has left its buffer (with one,
-    right after the previous layer ran), each part once its copy is done. A layer may start
-    when the previous one ended and its copy (staged: its decoding) is done. With
+    layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
+    slot is free: bf16, when the layer copied into it by copy j - S has finished; a staged
+    format (`staged`), when that layer's decoding has finished. Decodings (`dequant_ms`
+    each) are queued in order on their own stream into one of `compute_buffers` compute
+    buffers: decoding j may start when copy j is done and layer j - compute_buffers has left
+    its buffer (with one, right after the previous layer ran). A layer may start when the
+    previous one ended and its copy (staged: its decoding) is done. With
     `encoded_residents` (staged) the resident layers are decoded too, in the same order and
-    buffers, whole, with nothing to copy.
+    buffers, with nothing to copy.
 
     Decodings and layers share the GPU: of the two streams' next pieces of work, the one
     ready first runs, and the other waits for it. (On the H100 a decoding running beside
@@ -1130,35 +1091,24 @@ def simulate_frame_ms(
     decodes_residents = staged and encoded_residents
     if streamed <= 0 and not decodes_residents:
         return num_layers * layer_ms + other_ms
-    parts = parts if staged else 1
-    depth = min(depth, streamed * parts)
-    copy_ms /= parts
+    depth = min(depth, streamed)
 
-    # The compute stream's work in order: (ms, the decoding it waits for or None, the copy it
-    # waits for or None) per layer, then the rest of the frame; and the decodings in their
-    # order: (the copy of the part it decodes or None, ms, the compute item whose end frees
-    # its buffer or None). A layer waits for its last part's decoding; its first part's
-    # decoding, for the layer compute_buffers before it to leave the buffer.
+    # The compute stream's work in order: (ms, the decoding it needs or None, the copy it needs or None)
+    # per layer, then the rest of the frame; and the decodings' copies, in their order.
     computes: list[tuple[float, int | None, int | None]] = []
-    decodes: list[tuple[int | None, float, int | None]] = []
-    decoded_layers: list[int] = []  # compute items of the decoded layers, in order
+    decode_copies: list[int | None] = []
     frame_ends: list[int] = []
     for frame in range(frames):
         for layer in range(num_layers):
-            copy = (frame * streamed + copy_index[layer]) * parts if layer in copy_index else None
+            copy = frame * streamed + copy_index[layer] if layer in copy_index else None
             if staged and (copy is not None or decodes_residents):
-                n = len(decoded_layers)
-                frees = decoded_layers[n - compute_buffers] if n >= compute_buffers else None
-                if copy is None:
-                    decodes.append((None, dequant_ms, frees))
-                else:
-                    decodes.extend((copy + p, dequant_ms / parts, frees if p == 0 else None) for p in range(parts))
-                decoded_layers.append(len(computes))
-                computes.append((layer_ms, len(decodes) - 1, None))
+                decode_copies.append(copy)
+                computes.append((layer_ms, len(decode_copies) - 1, None))
             else:
                 computes.append((layer_ms, None, copy))
         computes.append((other_ms, None, None))
         frame_ends.append(len(computes) - 1)
+    decoded_by = {d: i for i, (_, d, _) in enumerate(computes) if d is not None}
 
     slot_free_at: dict[int, float] = {}  # copy j -> when slot j % S may take copy j + S
     copy_done: list[float] = []
@@ -1181,9 +1131,10 @@ def simulate_frame_ms(
             compute_ready = max(compute_free, decoded[needs_decode])
         decode_ready = None
         d = len(decoded)
-        if d < len(decodes):
-            copy, decode_ms, frees = decodes[d]
+        if d < len(decode_copies):
+            frees = decoded_by[d - compute_buffers] if d >= compute_buffers else None  # the layer leaving its buffer
             if frees is None or frees < len(ended):
+                copy = decode_copies[d]
                 decode_ready = max(decode_free, copied(copy) if copy is not None else 0.0, ended[frees] if frees is not None else 0.0)
         if compute_ready is not None and (decode_ready is None or compute_ready <= decode_ready):
             gpu = compute_free = max(compute_ready, gpu) + ms
@@ -1191,10 +1142,10 @@ def simulate_frame_ms(
             if needs_copy is not None:
                 slot_free_at[needs_copy] = gpu
         else:
-            gpu = decode_free = max(decode_ready, gpu) + decode_ms
+            gpu = decode_free = max(decode_ready, gpu) + dequant_ms
             decoded.append(gpu)
-            if copy is not None:
-                slot_free_at[copy] = gpu
+            if decode_copies[d] is not None:
+                slot_free_at[decode_copies[d]] = gpu
     return (ended[frame_ends[-1]] - ended[frame_ends[warmup - 1]]) / (frames - warmup)
 
 
@@ -1256,7 +1207,7 @@ def predict_ms_per_frame(
     simulated = simulate_frame_ms(
         n, plan.resident_layers, plan.prefetch_depth, layer_ms, other_ms, _copy_ms(link, link_gbps),
         staged=plan.staged, dequant_ms=dequant_ms, compute_buffers=plan.compute_buffers,
-        encoded_residents=plan.encoded_residents, parts=plan.staging_parts, order=residency_order(n, plan.stream_dtype),
+        encoded_residents=plan.encoded_residents, order=residency_order(n, plan.stream_dtype),
     )
     return max(simulated, bound)
 
@@ -1364,7 +1315,7 @@ def plan_table(
         ms = predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         fits = est.total_vram <= budget_bytes
         frames = plan.in_frames()
-        extended = f"frames: {frames.resident_layers} resident, depth {frames.ring_slots(n)}"
+        extended = f"frames: {frames.resident_layers} resident, depth {min(frames.prefetch_depth, n - frames.resident_layers)}"
         notes = [extended] if frames != plan else []
         if plan.encoded_residents:
             notes.insert(0, "residents kept packed")
@@ -1379,7 +1330,7 @@ def plan_table(
             ms_per_frame=ms,
             rtf=real_time_factor(config, ms),
             note="; ".join(notes),
-            prefetch_depth=plan.ring_slots(n),
+            prefetch_depth=min(plan.prefetch_depth, n - plan.resident_layers),
         )
 
     options = dict(stream_dtype=stream_dtype, pinned=pinned, embed_on_host=embed_on_host)

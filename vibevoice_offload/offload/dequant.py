@@ -61,21 +61,17 @@ DequantOp = CopyOp | Fp8Op | PackedOp
 
 
 def dequant_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list[DequantOp]:
-    """The ops that turn `staging` (a layer, or a part of one (`SlabLayout.split`), in the
-    `stream` layout) into its tensors in `dst` (a whole layer's NATIVE layout)."""
+    """The ops that turn `staging` (a layer in the `stream` layout) into `dst` (NATIVE layout)."""
     src = stream.by_name()
-    out_entries = native.by_name()
     ops: list[DequantOp] = []
-    for s in stream.entries:
-        if s.role == "part":
-            continue  # read with its tensor's main entry
-        out = out_entries[s.name].view(dst)
+    for entry in native.entries:
+        s, out = src[entry.name], entry.view(dst)
         if s.role != "q":
             ops.append(CopyOp(out, s.view(staging)))
         elif stream.format == FP8:
-            ops.append(Fp8Op(out, s.view(staging), src[s.name + ".__scale"].view(staging)))
+            ops.append(Fp8Op(out, s.view(staging), src[entry.name + ".__scale"].view(staging)))
         else:
-            ops.append(PackedOp(out, packed_weight(src, s.name, staging)))
+            ops.append(PackedOp(out, packed_weight(src, entry.name, staging)))
     return ops
 
 

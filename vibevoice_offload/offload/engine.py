@@ -112,13 +112,12 @@ class _Placement:
 
 @dataclasses.dataclass
 class _Use:
-    """One coming use of a layer from the ring: streamed layer `layer` on its way into
-    `slots` (`copied`; one slot per part of the layer, `OffloadPlan.staging_parts`), or an
-    encoded resident in its fixed slot; with staged streaming, the compute buffer it has
-    been dequantised into (None until that is enqueued)."""
+    """One coming use of a layer from the ring: streamed layer `layer` on its way into `slot`
+    (`copied`), or an encoded resident in its fixed slot; with staged streaming, the compute
+    buffer it has been dequantised into (None until that is enqueued)."""
 
     layer: int
-    slots: tuple[Slot, ...]
+    slot: Slot
     copied: bool = True
     compute: ComputeBuffer | None = None
 
@@ -230,7 +229,7 @@ class OffloadEngine:
             self._dequantise(use)
         if self.is_cuda:
             compute = torch.cuda.current_stream(self._device)
-            ready = use.compute.ready if use.compute is not None else use.slots[0].copy_done
+            ready = use.compute.ready if use.compute is not None else use.slot.copy_done
             if self.timing:
                 e0, e1 = self._events.get(), self._events.get()
                 e0.record(compute)
@@ -243,7 +242,7 @@ class OffloadEngine:
             # The next layer dequantises into the other buffer while this one computes. (With
             # one buffer it waits for decoder_layer: its "free" event is recorded after this layer.)
             self._dequantise(self._queue[1])
-        module = use.compute.module if use.compute is not None else use.slots[0].module
+        module = use.compute.module if use.compute is not None else use.slot.module
         module.self_attn.layer_idx = index
         return module
 
@@ -257,17 +256,11 @@ class OffloadEngine:
             return
         use = self._queue.popleft()
         if use.copied:
-            self._copies_queued -= len(use.slots)
+            self._copies_queued -= 1
         if self.is_cuda:
-            done = use.compute if use.compute is not None else use.slots[0]
+            done = use.compute if use.compute is not None else use.slot
             done.free.record(torch.cuda.current_stream(self._device))
         self._fill()
-        if self._ring.staged and self._queue and self._queue[0].compute is None:
-            # Enqueue the next layer's decoding now, not when the frame loop reaches it (its
-            # stream waits for the buffer and the copy): at the end of a pass the next pass's
-            # first layer is then decoded while the diffusion head and tokenizers run, which
-            # frees its staging slots for the copies behind it.
-            self._dequantise(self._queue[0])
         if self.timing:
             self._harvest(block=False)
 
@@ -418,11 +411,9 @@ class OffloadEngine:
         self._next_pos = self._next_slot = self._next_compute = 0
         if not self._cycle:
             return
+        depth = min(arranged.prefetch_depth, self.num_layers - arranged.resident_layers)
         fixed = {i: self._resident_buffers[i] for i in residents} if arranged.encoded_residents else None
-        self._ring = SlotRing(
-            self.layers[0], self.native, self.stream_layout, arranged.ring_slots(self.num_layers), arranged.compute_buffers,
-            self._device, fixed, arranged.staging_parts,
-        )
+        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, arranged.compute_buffers, self._device, fixed)
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
             if self._ring.staged:
@@ -553,59 +544,52 @@ class OffloadEngine:
             if fixed is None:
                 self._issue_copy(layer)
             else:
-                self._queue.append(_Use(layer, (fixed,), copied=False))
+                self._queue.append(_Use(layer, fixed, copied=False))
 
     def _issue_copy(self, layer: int) -> None:
-        """Copy streamed layer `layer`'s host slab into the next slots, one part into each."""
         ring = self._ring
+        slot = ring.slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(ring)
         host = self._host[layer]
-        slots = []
-        for start, part in ring.parts:
-            slot = ring.slots[self._next_slot]
-            self._next_slot = (self._next_slot + 1) % len(ring)
-            slot.layer = layer
-            src, dst = host.slab[start : start + part.nbytes], slot.buffer[: part.nbytes]
-            if self.is_cuda:
-                stream = self._copy_stream
-                stream.wait_event(slot.free)
-                with torch.cuda.stream(stream):
-                    if self.timing:
-                        e0, e1 = self._events.get(), self._events.get()
-                        e0.record(stream)
-                        dst.copy_(src, non_blocking=True)
-                        e1.record(stream)
-                        self._pending_copy.append((e0, e1))
-                    else:
-                        dst.copy_(src, non_blocking=True)
-                    slot.copy_done.record(stream)
-            else:
-                dst.copy_(src)
-            slots.append(slot)
+        slot.layer = layer
+        dst = slot.buffer[: host.nbytes]
+        if self.is_cuda:
+            stream = self._copy_stream
+            stream.wait_event(slot.free)
+            with torch.cuda.stream(stream):
+                if self.timing:
+                    e0, e1 = self._events.get(), self._events.get()
+                    e0.record(stream)
+                    dst.copy_(host.slab, non_blocking=True)
+                    e1.record(stream)
+                    self._pending_copy.append((e0, e1))
+                else:
+                    dst.copy_(host.slab, non_blocking=True)
+                slot.copy_done.record(stream)
+        else:
+            dst.copy_(host.slab)
         self._copies += 1
         self._bytes += host.nbytes
-        self._copies_queued += len(slots)
-        self._queue.append(_Use(layer, tuple(slots)))
+        self._copies_queued += 1
+        self._queue.append(_Use(layer, slot))
 
     def _dequantise(self, use: _Use) -> None:
-        """Staged: enqueue the decoding of `use`'s staging slots into the next compute buffer,
-        after the compute stream is done with that buffer's last layer; each part after its
-        copy, and its slot is free for the next copy as soon as it is decoded."""
+        """Staged: enqueue the decoding of `use`'s staging slot into the next compute buffer,
+        after its copy and after the compute stream is done with that buffer's last layer."""
         ring = self._ring
         index = self._next_compute
         compute = ring.computes[index]
         self._next_compute = (self._next_compute + 1) % len(ring.computes)
         if self.is_cuda:
             stream = self._dequant_stream
+            stream.wait_event(use.slot.copy_done)
             stream.wait_event(compute.free)
-            for slot in use.slots:
-                stream.wait_event(slot.copy_done)
-                with torch.cuda.stream(stream):
-                    ring.dequantise(index, slot)
-                slot.free.record(stream)
+            with torch.cuda.stream(stream):
+                ring.dequantise(index, use.slot)
+            use.slot.free.record(stream)
             compute.ready.record(stream)
         else:
-            for slot in use.slots:
-                ring.dequantise(index, slot)
+            ring.dequantise(index, use.slot)
         use.compute = compute
 
     # --- statistics ---------------------------------------------------------------------------
@@ -651,8 +635,7 @@ class OffloadEngine:
         out: dict[str, Any] = {
             "offload_resident_layers": self.plan.resident_layers,
             "offload_frame_resident_layers": frames.resident_layers,
-            "offload_frame_prefetch_depth": frames.ring_slots(self.num_layers),
-            "offload_staging_parts": self.plan.staging_parts,
+            "offload_frame_prefetch_depth": min(frames.prefetch_depth, self.num_layers - frames.resident_layers),
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
             "offload_encoded_residents": self.plan.encoded_residents,
@@ -717,12 +700,12 @@ class OffloadEngine:
         fixed = {id(t): t for m in self._resident_modules() for t in (*m.parameters(), *m.buffers())}
         core = self.model.model
         fixed.update({id(t): t for t in (core.latent_scaling_factor, core.latent_bias_factor)})
-        plan = dataclasses.replace(self.plan, resident_layers=resident_layers)
-        staged = max(part.nbytes for _, part in self.stream_layout.split(plan.staging_parts)) if plan.staged else None
+        depth = min(self.plan.prefetch_depth, self.num_layers - resident_layers)
+        staged = self.stream_layout.nbytes if self.plan.staged else None
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
-            + resident_layers * self._resident_layer_nbytes(plan)
-            + ring_nbytes(self.native.nbytes, staged, plan.ring_slots(self.num_layers), plan.compute_buffers, plan.encoded_residents)
+            + resident_layers * self._resident_layer_nbytes(self.plan)
+            + ring_nbytes(self.native.nbytes, staged, depth, self.plan.compute_buffers, self.plan.encoded_residents)
         )
 
     @property

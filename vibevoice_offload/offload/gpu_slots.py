@@ -8,8 +8,7 @@ slab was copied into the slot, set `slot.module.self_attn.layer_idx = i` (the KV
 index), call the module.
 
 For staged streaming (fp8, bf16-packed) a slot is only a staging buffer (the layer's
-encoded slab bytes, or with `OffloadPlan.staging_parts` 2 one of its two parts, cut
-between tensors): the H2D copy lands there, and the weights are decoded on the GPU
+encoded slab bytes): the H2D copy lands there, and the weights are decoded on the GPU
 (`dequant.py`), on a stream of their own, into one of the plan's `compute_buffers`
 model-dtype compute buffers. With two the next layer is decoded while the current one
 computes, so the decoding leaves the compute stream's critical path; one saves a layer of
@@ -81,8 +80,7 @@ class ComputeBuffer:
 
 def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int, decodes_residents: bool = False) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
-    slots; staged, `depth` staging slots of `staged_bytes` (a whole encoded layer, or its
-    largest part with `OffloadPlan.staging_parts`) plus `compute_buffers` layer-sized
+    slots; staged, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
     compute buffers, which encoded residents need even with nothing streamed (`depth` 0).
     (The fixed slots of encoded residents are counted as resident layers, not here.)"""
     if depth == 0 and not decodes_residents:
@@ -97,42 +95,33 @@ class SlotRing:
     runs straight from the slot it was copied into.
 
     Staged streaming: each slot is only a staging buffer (fp8: half a layer, bf16-packed:
-    three quarters; in parts, the largest part of that), and the layers run from
-    `compute_buffers` shared compute buffers that the engine decodes into, in turn. A
-    staging slot is free as soon as its part is decoded, so the copy stream never waits for
-    compute: the ring runs `depth` parts ahead for a fraction of a layer per slot.
+    three quarters), and the layers run from `compute_buffers` shared compute buffers that
+    the engine decodes into, in turn. A staging slot is free as soon as its layer is
+    decoded, so the copy stream never waits for compute: the ring runs `depth` layers ahead
+    for a fraction of a layer per slot.
     """
 
     def __init__(
         self, template: nn.Module, native: SlabLayout, stream: SlabLayout, depth: int, compute_buffers: int, device: torch.device,
-        fixed: dict[int, torch.Tensor] | None = None, parts: int = 1,
+        fixed: dict[int, torch.Tensor] | None = None,
     ) -> None:
         """`fixed`: encoded residents, layer -> its device buffer in the `stream` layout,
-        already filled on the current stream (the ring records that as their "copy done").
-        `parts` (staged): each layer crosses in that many parts (`SlabLayout.split`), part
-        p always into the slots i with i % parts == p; `depth` is a multiple of it."""
+        already filled on the current stream (the ring records that as their "copy done")."""
         fixed = fixed or {}
         if depth < 1 and not fixed:
             raise ValueError("a slot ring needs at least one slot")
         self.staged = stream.format != NATIVE
         if fixed and not self.staged:
             raise ValueError("encoded residents need a staged stream layout")
-        if depth % parts or (parts > 1 and not self.staged):
-            raise ValueError(f"a ring of {depth} slots cannot take layers in {parts} parts")
         if self.staged:
-            # (start in the layer's slab, layout) of each part the copies carry
-            self.parts = stream.split(parts)
-            slot_bytes = max(layout.nbytes for _, layout in self.parts)
-            self.slots = [Slot(i, torch.empty(slot_bytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
+            self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
             self.fixed = {layer: Slot(depth + k, buffer, None, layer) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
-            layouts = [self.parts[i % parts][1] for i in range(depth)] + [stream] * len(self.fixed)
             self.computes: list[ComputeBuffer] = []
             for _ in range(compute_buffers):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-                ops = [dequant_ops(native, layout, buffer, slot.buffer) for layout, slot in zip(layouts, (*self.slots, *self.fixed.values()))]
+                ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in (*self.slots, *self.fixed.values())]
                 self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
         else:
-            self.parts = ((0, native),)
             self.slots = []
             self.fixed = {}
             for i in range(depth):

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import functools
-import itertools
 import logging
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,17 +50,6 @@ _PACKED_PARTS = tuple(PackedBf16._fields[1:])  # after `low`, which takes the we
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def balanced_cuts(group_bytes: Sequence[int], parts: int) -> tuple[int, ...]:
-    """Where to cut a row of groups into `parts` contiguous parts (each at least one group)
-    so that the largest part is smallest: the index of each later part's first group.
-    A decoder layer has about a dozen groups: every choice is tried."""
-    if not 1 <= parts <= len(group_bytes):
-        raise ValueError(f"cannot cut {len(group_bytes)} tensor groups into {parts} parts")
-    prefix = list(itertools.accumulate(group_bytes, initial=0))
-    choices = itertools.combinations(range(1, len(group_bytes)), parts - 1)
-    return min(choices, key=lambda cuts: max(prefix[b] - prefix[a] for a, b in zip((0, *cuts), (*cuts, len(group_bytes)))))
 
 
 @dataclass(frozen=True)
@@ -127,32 +113,6 @@ class SlabLayout:
             else:
                 add(name, shape, tensor.dtype, "raw", is_param)
         return cls(fmt, tuple(entries), offset)
-
-    def groups(self) -> list[tuple[SlabEntry, ...]]:
-        """The entries by tensor: each one's main entry and the further parts of its encoding
-        (fp8 scales, packed codes and exceptions), which must cross the link with it."""
-        groups: list[list[SlabEntry]] = []
-        for entry in self.entries:
-            if entry.role == "part":
-                groups[-1].append(entry)
-            else:
-                groups.append([entry])
-        return [tuple(g) for g in groups]
-
-    def split(self, parts: int) -> tuple[tuple[int, "SlabLayout"], ...]:
-        """The layout cut between tensors into `parts` contiguous byte ranges, the largest as
-        small as it can be (`balanced_cuts`): (start in this layout, the part's own layout
-        with offsets from that start) per part."""
-        groups = self.groups()
-        starts = [g[0].offset for g in groups]
-        ends = starts[1:] + [self.nbytes]
-        bounds = (0, *balanced_cuts([e - s for s, e in zip(starts, ends)], parts), len(groups))
-        out = []
-        for a, b in zip(bounds, bounds[1:]):
-            start, end = starts[a], ends[b - 1]
-            entries = tuple(dataclasses.replace(e, offset=e.offset - start) for g in groups[a:b] for e in g)
-            out.append((start, SlabLayout(self.format, entries, end - start)))
-        return tuple(out)
 
     def by_name(self) -> dict[str, SlabEntry]:
         return {e.name: e for e in self.entries}
