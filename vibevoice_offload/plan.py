@@ -90,8 +90,9 @@ class OffloadPlan:
 
     compute_buffers: int = 2
     """Staged streaming only: the model-dtype buffers that staged layers are decoded into.
-    2: the next layer is decoded while the current one computes. 1: a layer less of VRAM
-    (fp8 then fits wherever bf16 does), each layer decoded just before it runs."""
+    2: the next layer's decoding may run while the current one waits or computes (it takes
+    turns with the layers on the GPU). 1: a layer less of VRAM (fp8 then fits wherever
+    bf16 does), each layer decoded only after the previous one ran."""
 
     encoded_residents: bool = False
     """bf16-packed only: the resident layers stay on the GPU packed, as they stream, and are

@@ -11,8 +11,8 @@ dedicated copy stream. Ordering uses events only, never a host synchronisation:
   formats, fp8 and bf16-packed);
 - staged: the layer is decoded (`dequant.py`) on a stream of its own into one of the plan's
   `compute_buffers`, after its copy and after the compute stream is done with that
-  buffer's previous layer; with two, the next streamed layer is dequantised while the
-  current one runs;
+  buffer's previous layer; with two, the next streamed layer's decoding is queued while
+  the current one runs (the GPU runs the two in turn: free while layers wait for a copy);
 - `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (staged:
   the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of

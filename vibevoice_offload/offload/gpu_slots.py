@@ -10,9 +10,11 @@ index), call the module.
 For staged streaming (fp8, bf16-packed) a slot is only a staging buffer (the layer's
 encoded slab bytes): the H2D copy lands there, and the weights are decoded on the GPU
 (`dequant.py`), on a stream of their own, into one of the plan's `compute_buffers`
-model-dtype compute buffers. With two the next layer is decoded while the current one
-computes, so the decoding leaves the compute stream's critical path; one saves a layer of
-VRAM and decodes each layer just before it runs. A layer's decoding is a dozen kernels
+model-dtype compute buffers. With two the next layer's decoding is queued while the
+current one computes, so it can run as soon as its copy lands (on the H100 it then takes
+turns with the layers on the GPU rather than overlapping them: it is free only while the
+layers wait for the link); one saves a layer of VRAM and decodes each layer only after
+the previous one ran. A layer's decoding is a dozen kernels
 launched from Python; on CUDA each (compute buffer, staging slot) pair's is
 captured as a CUDA graph the second time it is used and replayed after that, one launch a
 layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
