@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,15 @@ class OffloadSettings:
         return f"{what}, stream {self.stream_dtype}, prefetch {self.prefetch_depth}, {'pinned' if pinned else 'pageable'} host memory"
 
 
-def node_plan(resident_layers: int, stream_dtype: str, prefetch_depth: int, pinned: bool) -> OffloadPlan:
-    """The plan the node's engine runs for these settings (bf16-packed keeps its resident
-    layers packed too: ComfyUI's grant holds a third more of them, for the same bits)."""
-    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=planner.encoded_residents_for(stream_dtype))
+def node_plan(
+    resident_layers: int, stream_dtype: str, prefetch_depth: int, pinned: bool, encoded_residents: bool | None = None,
+) -> OffloadPlan:
+    """The plan the node's engine runs for these settings. bf16-packed keeps its resident
+    layers packed too (ComfyUI's grant holds a third more of them, for the same bits) unless
+    `encoded_residents` is False: where the grant holds every layer decoded, the patcher
+    keeps them so (`VibeVoicePatcher._residencies`)."""
+    encoded = planner.encoded_residents_for(stream_dtype) if encoded_residents is None else encoded_residents
+    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=encoded)
 
 
 def pinning_allowed(device: torch.device) -> bool:
@@ -159,10 +164,21 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
     def engine_device(self) -> torch.device:
         return torch.device("cpu") if self.load_device.type == "cpu" else self.load_device
 
-    def _plan(self, resident_layers: int) -> OffloadPlan:
+    def _plan(self, resident_layers: int, encoded_residents: bool | None = None) -> OffloadPlan:
         s = self.settings
         pinned = bool(s.pinned) and pinning_allowed(self.engine_device)
-        return node_plan(resident_layers, s.stream_dtype, s.prefetch_depth, pinned)
+        return node_plan(resident_layers, s.stream_dtype, s.prefetch_depth, pinned, encoded_residents)
+
+    def _residencies(self, wanted: int) -> Iterator[tuple[int, bool]]:
+        """(resident layers, packed residents) to try, most resident first. With bf16-packed
+        and every layer wanted: every layer decoded first (packed residents are decoded
+        every frame, for nothing where no layer streams: Large about 13 ms a frame), then
+        packed (a third more fit the same VRAM), then fewer."""
+        packed = self._plan(0).encoded_residents
+        if packed and wanted == self.num_layers:
+            yield wanted, False
+        for n in range(wanted, -1, -1):
+            yield n, packed
 
     def _signature(self) -> tuple:
         plan = self._plan(0)
@@ -188,24 +204,26 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         self.model.model_offload_buffer_memory = 0
         return resident
 
-    def _new_engine(self, resident_layers: int):
+    def _new_engine(self, resident_layers: int, encoded_residents: bool | None = None):
         """An engine for the current settings; building one only plans (no memory is moved)."""
-        self.engine = _engine_class()(self.model, self._plan(resident_layers), self.engine_device)
+        self.engine = _engine_class()(self.model, self._plan(resident_layers, encoded_residents), self.engine_device)
         self.engine_signature = self._signature()
         return self.engine
 
-    def weight_bytes(self, resident_layers: int) -> int:
+    def weight_bytes(self, resident_layers: int, encoded_residents: bool | None = None) -> int:
         """Device bytes the engine holds with `resident_layers` resident (its other resident
-        parts, the resident layers and the streaming ring); the load and unload paths check
-        the engine's real count."""
+        parts, the resident layers and the streaming ring), packed or not as `_plan` says;
+        the load and unload paths check the engine's real count."""
+        encoded = self._plan(resident_layers, encoded_residents).encoded_residents
         if self.engine is None:
             self._new_engine(self.settings.wanted_layers(self.num_layers))
         elif self.engine_signature != self._signature():
             # The settings changed since this engine was built: price the new plan instead.
             cp = self.vibevoice.checkpoint
-            est = planner.estimate(cp.config, self._plan(resident_layers), dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
+            plan = self._plan(resident_layers, encoded)
+            est = planner.estimate(cp.config, plan, dtype=cp.dtype, voice_samples=0, max_frames=1, text_tokens=1)
             return int(est.weights)
-        return int(self.engine.resident_bytes_for(resident_layers))
+        return int(self.engine.resident_bytes_for(resident_layers, encoded))
 
     def _close_engine(self) -> None:
         engine, self.engine, self.engine_signature = self.engine, None, None
@@ -227,7 +245,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             if old[0] == new[0] and old[2] == new[2] and hasattr(self.engine, "set_plan"):
                 # Only the prefetch depth changed: keep the host slabs, rebuild the ring on the next load.
                 self._unload()
-                self.engine.set_plan(self._plan(self.resident_layers()))
+                self.engine.set_plan(self._plan(self.resident_layers(), self.engine.plan.encoded_residents))
                 self.engine_signature = new
                 return
             log.info("VibeVoice: offload settings changed (%s): rebuilding the offload engine", settings.describe())
@@ -248,24 +266,27 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         del old
         self._sync()
 
-    def _choose_layers(self, budget: float | None) -> int:
-        """Most resident layers (up to what the config asks for) whose device bytes fit `budget`."""
-        wanted = self.settings.wanted_layers(self.num_layers)
+    def _choose_layers(self, budget: float | None) -> tuple[int, bool]:
+        """The first of `_residencies` (up to what the config asks for) whose device bytes fit
+        `budget`: (resident layers, packed residents)."""
+        residencies = self._residencies(self.settings.wanted_layers(self.num_layers))
         if budget is None:
-            return wanted
+            return next(residencies)
         if self.settings.mode == "auto":
             budget *= self.settings.target_utilisation
-        for n in range(wanted, -1, -1):
-            if self.weight_bytes(n) <= budget:
-                return n
-        return 0
+        for n, encoded in residencies:
+            if self.weight_bytes(n, encoded) <= budget:
+                return n, encoded
+        return 0, self._plan(0).encoded_residents
 
-    def _place(self, resident_layers: int) -> None:
-        """Make the engine hold exactly `resident_layers` resident layers, loaded on the device."""
+    def _place(self, resident_layers: int, encoded_residents: bool | None = None) -> None:
+        """Make the engine hold exactly `resident_layers` resident layers (packed or not as
+        `_plan` says), loaded on the device."""
+        encoded = self._plan(resident_layers, encoded_residents).encoded_residents
         if self.engine is None:
-            self._new_engine(resident_layers)
-        elif self.resident_layers() != resident_layers:
-            self.engine.set_resident_layers(resident_layers)
+            self._new_engine(resident_layers, encoded)
+        elif self.resident_layers() != resident_layers or self.engine.plan.encoded_residents != encoded:
+            self.engine.set_resident_layers(resident_layers, encoded)
         if not self.engine.loaded:
             self.engine.load()
         self._sync()
@@ -299,14 +320,15 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             before = self._sync()
             budget = None if extra_memory >= UNLIMITED else max(0.0, before + extra_memory)
             self.last_budget = budget
-            n = self._choose_layers(budget)
+            n, encoded = self._choose_layers(budget)
             if self.settings.mode == "auto" and extra_memory >= 0 and self.engine_loaded():
-                n = max(n, self.resident_layers())  # offered more: never give back what we hold
                 keep = self.resident_layers()
+                if n < keep:  # offered more: never give back what we hold
+                    n, encoded = keep, self.engine.plan.encoded_residents
             else:
                 keep = 0
             try:
-                self._place(n)
+                self._place(n, encoded)
                 # The estimate guided the choice; the engine's own count decides.
                 while budget is not None and n > keep and self._sync() > budget:
                     n -= 1
@@ -326,7 +348,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         with self.lock:
             budget = None if full_load or lowvram_model_memory <= 0 or lowvram_model_memory >= UNLIMITED else lowvram_model_memory
             self.last_budget = budget
-            self._place(self._choose_layers(budget))
+            self._place(*self._choose_layers(budget))
 
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
         if load_weights:
@@ -348,10 +370,10 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
                     break
             else:
                 return 0
-            self.engine.set_resident_layers(n)
+            self._place(n)
             while self._sync() > target and n > 0:  # the engine's own count decides
                 n -= 1
-                self.engine.set_resident_layers(n)
+                self._place(n)
             after = self._sync()
             log.info(
                 "VibeVoice: gave up VRAM for another model: %d -> %d resident layers, %.1f MB freed",

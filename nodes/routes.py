@@ -176,18 +176,25 @@ def compute_plan(body: dict) -> dict[str, Any]:
 
     error = None
     if mode == "auto":
-        if budget is None:  # ComfyUI on the CPU grants everything: every layer stays on the device
-            plan = node_plan(n, stream_dtype, depth, pinned)
+        if budget is None:  # ComfyUI on the CPU grants everything: every layer stays on the device, decoded
+            plan = node_plan(n, stream_dtype, depth, pinned, encoded_residents=False)
         else:
             try:
-                plan = planner.plan_auto(config, budget, **auto_kw)
+                # as the patcher chooses (`VibeVoicePatcher._residencies`): every layer
+                # decoded where that fits, else auto with the node's residents
+                full = node_plan(n, stream_dtype, depth, pinned, encoded_residents=False)
+                if planner.encoded_residents_for(stream_dtype) and planner.estimate_for_workload(config, full, dtype, workload).total_vram <= budget:
+                    plan = full
+                else:
+                    plan = planner.plan_auto(config, budget, **auto_kw)
             except planner.PlanError as exc:
                 error, plan = str(exc), node_plan(0, stream_dtype, depth, pinned)
     else:
         wanted = planner.preset_resident_layers(preset, n) if mode == "preset" else min(resident, n)
         if mode == "manual" and resident > n:
             out["note"] = f"the model has {n} decoder layers: all {n} stay resident"
-        plan = node_plan(wanted, stream_dtype, depth, pinned)
+        # every layer wanted: the patcher tries them decoded first (`VibeVoicePatcher._residencies`)
+        plan = node_plan(wanted, stream_dtype, depth, pinned, encoded_residents=False if wanted == n else None)
         if budget is not None:
             try:
                 if mode == "preset":

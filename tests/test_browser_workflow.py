@@ -253,6 +253,12 @@ def test_plan_route_answers_json_for_good_and_bad_requests(server):
     packed = server.post("/vibevoice_offload/plan", {"size": "Large", "mode": "preset", "preset": "balanced", "stream_dtype": "bf16-packed"})
     assert packed["resident_layers"] == 9 and packed["estimated_vram_bytes"] < large["estimated_vram_bytes"]
 
+    # every layer resident (auto on the CPU): bf16-packed keeps them decoded, as the node
+    # does, so it needs and costs exactly what bf16 does
+    auto = {dtype: server.post("/vibevoice_offload/plan", {"model": MODEL, "mode": "auto", "stream_dtype": dtype}) for dtype in ("bf16", "bf16-packed")}
+    assert auto["bf16-packed"]["resident_layers"] == 4
+    for key in ("estimated_vram_bytes", "predicted_ms_per_frame"):
+        assert auto["bf16-packed"][key] == auto["bf16"][key], key
     tiny = server.post("/vibevoice_offload/plan", {"model": MODEL, "mode": "manual", "resident_layers": 99})
     assert (tiny["num_layers"], tiny["resident_layers"]) == (4, 4) and "all 4" in tiny["note"]
     light = server.post("/vibevoice_offload/plan", {"model": MODEL, "mode": "preset", "preset": "light"})

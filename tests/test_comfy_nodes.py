@@ -422,7 +422,7 @@ def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypa
     layer = patcher.engine.native.nbytes
     budget = patcher.weight_bytes(3)
     patcher.detach()
-    monkeypatch.setattr(patcher, "weight_bytes", lambda n: 0)  # "everything fits"
+    monkeypatch.setattr(patcher, "weight_bytes", lambda n, encoded=None: 0)  # "everything fits"
     patcher.partially_load(torch.device("cpu"), extra_memory=budget)
     assert patcher.loaded_size() <= budget and patcher.resident_layers() == 3
     freed = patcher.partially_unload(torch.device("cpu"), 2 * layer)
@@ -444,6 +444,40 @@ def test_packed_streaming_in_comfyui_writes_the_bf16_audio(pack, model_dirs, voi
         runs[stream_dtype] = audio
     assert_counters_true(patcher)
     assert torch.equal(runs["bf16"].waveform, runs["bf16-packed"].waveform)
+
+
+def test_packed_streaming_keeps_every_layer_decoded_where_the_grant_holds_them(pack, model_dirs, voices, clean_models):
+    """bf16-packed in auto: a grant that holds every layer decoded keeps them decoded (packed
+    residents would be decoded every frame with nothing streaming); when ComfyUI takes VRAM
+    back, the layers that stay are packed; given everything again, they are decoded again.
+    The counters stay true across the switches and the audio is bf16's, bit for bit."""
+    import torch
+
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
+    patcher.configure(settings(pack, stream_dtype="bf16-packed", target_utilisation=1.0))
+    patcher.load(torch.device("cpu"), full_load=True)
+    assert patcher.resident_layers() == 8 and not patcher.engine.plan.encoded_residents
+    assert_counters_true(patcher)
+    everything = patcher.loaded_size()
+    assert everything == patcher.weight_bytes(8, False)
+
+    wanted = everything - patcher.weight_bytes(3)
+    freed = patcher.partially_unload(torch.device("cpu"), wanted)
+    assert freed >= wanted and patcher.resident_layers() == 3 and patcher.engine.plan.encoded_residents
+    assert_counters_true(patcher)
+
+    patcher.partially_load(torch.device("cpu"), extra_memory=1e32)
+    assert patcher.resident_layers() == 8 and not patcher.engine.plan.encoded_residents
+    assert patcher.loaded_size() == everything
+    assert_counters_true(patcher)
+
+    runs = {}
+    for stream_dtype in ("bf16", "bf16-packed"):
+        audio, stats = patcher.generate(settings(pack, stream_dtype=stream_dtype), SCRIPT, voices, gen_settings(pack))
+        assert stats["engine"]["offload_streamed_layers"] == 0 and not stats["engine"]["offload_encoded_residents"]
+        runs[stream_dtype] = audio
+    assert torch.equal(runs["bf16"].waveform, runs["bf16-packed"].waveform)
+    assert_counters_true(patcher)
 
 
 def test_manual_and_preset_configs_apply_at_run_time(pack, model_dirs, voices, clean_models):

@@ -307,6 +307,22 @@ def test_set_plan_switches_between_decoded_and_encoded_residents(tiny_model_dir,
     engine.close()
 
 
+def test_set_resident_layers_switches_packed_and_decoded_residents_while_loaded(tiny_model_dir, reference, reference_bf16):
+    """ComfyUI's path: set_resident_layers(n, encoded_residents) on a loaded engine changes the
+    count and the residents' form at once (it reloads), to exactly the bytes
+    resident_bytes_for priced, and every run gives the same bits."""
+    voices, _ = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(LAYERS, "bf16-packed", encoded_residents=False))
+    engine.load()
+    for n, encoded in ((2, True), (LAYERS, False), (LAYERS, True), (1, True), (3, False)):
+        expected = engine.resident_bytes_for(n, encoded)
+        engine.set_resident_layers(n, encoded)
+        assert engine.loaded and (engine.resident_layers, engine.plan.encoded_residents) == (n, encoded)
+        assert engine.resident_bytes == expected
+        assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, reference_bf16)
+    engine.close()
+
+
 def test_encoded_residents_need_bf16_packed(tiny_model_dir):
     vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
     for stream_dtype in ("bf16", "fp8"):

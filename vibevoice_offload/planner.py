@@ -924,9 +924,8 @@ def encoded_residents_for(stream_dtype: str) -> bool:
     """Whether an explicit plan (a preset, a manual count, ComfyUI's grant) keeps its resident
     layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
     whenever a layer streams the frame waits on the link, not on the decoding). With every
-    layer resident it still decodes each one every pass (Large: about 13 ms more a frame
-    than bf16): where the whole model fits in bf16, choose bf16 (`auto` keeps them decoded
-    there)."""
+    layer resident that would decode each one every pass for nothing (Large: about 13 ms a
+    frame): `auto` and the ComfyUI node keep every layer decoded where they all fit so."""
     return stream_dtype == "bf16-packed"
 
 

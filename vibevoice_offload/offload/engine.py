@@ -461,10 +461,21 @@ class OffloadEngine:
         gc.collect()
         return_freed_memory()  # the slabs
 
-    def set_resident_layers(self, n: int) -> None:
+    def set_resident_layers(self, n: int, encoded_residents: bool | None = None) -> None:
         """Keep `n` decoder layers on the device from the next run on (between runs only). The
-        frame extension was planned for the old residency: it is dropped."""
+        frame extension was planned for the old residency: it is dropped. `encoded_residents`
+        (bf16-packed): also switch between packed and decoded residents; a loaded engine
+        then unloads and loads again (every device buffer changes)."""
         self._between_runs("set_resident_layers")
+        if encoded_residents is not None and encoded_residents != self.plan.encoded_residents:
+            loaded = self._loaded
+            self.unload()
+            self.set_plan(dataclasses.replace(
+                self.plan, resident_layers=n, frame_layers=0, frame_slots=0, encoded_residents=encoded_residents,
+            ))
+            if loaded:
+                self.load()
+            return
         new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
@@ -694,18 +705,20 @@ class OffloadEngine:
     def _resident_layer_nbytes(self, plan: OffloadPlan) -> int:
         return self.stream_layout.nbytes if plan.encoded_residents else self.native.nbytes
 
-    def resident_bytes_for(self, resident_layers: int) -> int:
-        """`resident_bytes` after `set_resident_layers(resident_layers)` and `load()`, computed
-        without moving anything (ComfyUI asks this before it grants or takes VRAM)."""
+    def resident_bytes_for(self, resident_layers: int, encoded_residents: bool | None = None) -> int:
+        """`resident_bytes` after `set_resident_layers(resident_layers, encoded_residents)` and
+        `load()`, computed without moving anything (ComfyUI asks this before it grants or
+        takes VRAM)."""
+        plan = self.plan if encoded_residents is None else dataclasses.replace(self.plan, encoded_residents=encoded_residents)
         fixed = {id(t): t for m in self._resident_modules() for t in (*m.parameters(), *m.buffers())}
         core = self.model.model
         fixed.update({id(t): t for t in (core.latent_scaling_factor, core.latent_bias_factor)})
-        depth = min(self.plan.prefetch_depth, self.num_layers - resident_layers)
-        staged = self.stream_layout.nbytes if self.plan.staged else None
+        depth = min(plan.prefetch_depth, self.num_layers - resident_layers)
+        staged = self.stream_layout.nbytes if plan.staged else None
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
-            + resident_layers * self._resident_layer_nbytes(self.plan)
-            + ring_nbytes(self.native.nbytes, staged, depth, self.plan.compute_buffers, self.plan.encoded_residents)
+            + resident_layers * self._resident_layer_nbytes(plan)
+            + ring_nbytes(self.native.nbytes, staged, depth, plan.compute_buffers, plan.encoded_residents)
         )
 
     @property
