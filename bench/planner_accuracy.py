@@ -103,7 +103,7 @@ def frames_for(predicted_ms: float, quick: bool) -> int:
 
 def plan_key(plan: OffloadPlan, n: int) -> tuple:
     streamed = n - plan.resident_layers
-    return (plan.resident_layers, plan.stream_dtype if streamed else "-", min(plan.prefetch_depth, streamed), plan.embed_on_host,
+    return (plan.resident_layers, plan.stream_dtype if streamed else "-", plan.ring_slots(n), plan.embed_on_host,
             plan.frame_layers, plan.frame_slots, plan.compute_buffers if plan.staged and streamed else None, plan.encoded_residents)
 
 

@@ -371,7 +371,7 @@ class CaseRunner:
             "measured_ms_per_frame": None,
             "resident_layers": plan.resident_layers,
             "streamed_layers": n - plan.resident_layers,
-            "prefetch_depth": min(plan.prefetch_depth, n - plan.resident_layers) if plan.resident_layers < n else 0,
+            "prefetch_depth": plan.ring_slots(n),
             "embed_on_host": plan.embed_on_host,
             "compute_buffers": plan.compute_buffers if plan.staged else None,
             "encoded_residents": plan.encoded_residents,

@@ -122,6 +122,11 @@ class OffloadPlan:
             return ()
         return tuple(range(num_layers)) if self.encoded_residents else self.streamed_indices(num_layers)
 
+    def ring_slots(self, num_layers: int) -> int:
+        """The slots of the engine's ring: `prefetch_depth`, but no more than the layers to
+        stream (a slot that no copy could fill is not built)."""
+        return min(self.prefetch_depth, num_layers - self.resident_layers)
+
     def in_frames(self) -> "OffloadPlan":
         """The residency and ring in effect while frames are generated (the plan itself
         during the prompt pass and between runs)."""

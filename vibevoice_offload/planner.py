@@ -437,7 +437,7 @@ class Estimate:
     and the two latent scalars. The full lm_head never goes to the GPU."""
     slots: int
     """The engine's streaming ring (`gpu_slots.SlotRing`), 0 when nothing is streamed. With
-    S = min(prefetch_depth, streamed layers) (the engine never builds more slots than
+    S = `OffloadPlan.ring_slots` (the engine never builds more slots than
     layers to stream): bf16 streaming, S model-dtype slots of one layer each; staged
     streaming (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and
     their other parts, biases and norms) plus the plan's `compute_buffers` (1 or 2)
@@ -515,14 +515,14 @@ class Estimate:
 
 def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
     """The engine's slot ring for `plan` (`gpu_slots.ring_nbytes` of its largest decoded
-    layer); S = min(prefetch_depth, streamed layers)."""
+    layer); `plan.ring_slots` slots."""
     streamed = plan.streamed_indices(num_layers)
     decoded = plan.decoded_indices(num_layers) if plan.staged else streamed
     if not decoded:
         return 0
     native = max(sizes.layers[i] for i in decoded)
     staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in decoded) if plan.staged else None
-    return ring_nbytes(native, staged, min(plan.prefetch_depth, len(streamed)), plan.compute_buffers, plan.encoded_residents)
+    return ring_nbytes(native, staged, plan.ring_slots(num_layers), plan.compute_buffers, plan.encoded_residents)
 
 
 def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
@@ -1314,7 +1314,7 @@ def plan_table(
         ms = predict_ms_per_frame(config, plan, link, resident_ms, decoder_ms=decoder_ms, dtype=dtype)
         fits = est.total_vram <= budget_bytes
         frames = plan.in_frames()
-        extended = f"frames: {frames.resident_layers} resident, depth {min(frames.prefetch_depth, n - frames.resident_layers)}"
+        extended = f"frames: {frames.resident_layers} resident, depth {frames.ring_slots(n)}"
         notes = [extended] if frames != plan else []
         if plan.encoded_residents:
             notes.insert(0, "residents kept packed")
@@ -1329,7 +1329,7 @@ def plan_table(
             ms_per_frame=ms,
             rtf=real_time_factor(config, ms),
             note="; ".join(notes),
-            prefetch_depth=min(plan.prefetch_depth, n - plan.resident_layers),
+            prefetch_depth=plan.ring_slots(n),
         )
 
     options = dict(stream_dtype=stream_dtype, pinned=pinned, embed_on_host=embed_on_host)

@@ -411,9 +411,11 @@ class OffloadEngine:
         self._next_pos = self._next_slot = self._next_compute = 0
         if not self._cycle:
             return
-        depth = min(arranged.prefetch_depth, self.num_layers - arranged.resident_layers)
         fixed = {i: self._resident_buffers[i] for i in residents} if arranged.encoded_residents else None
-        self._ring = SlotRing(self.layers[0], self.native, self.stream_layout, depth, arranged.compute_buffers, self._device, fixed)
+        self._ring = SlotRing(
+            self.layers[0], self.native, self.stream_layout, arranged.ring_slots(self.num_layers), arranged.compute_buffers,
+            self._device, fixed,
+        )
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
             if self._ring.staged:
@@ -646,7 +648,7 @@ class OffloadEngine:
         out: dict[str, Any] = {
             "offload_resident_layers": self.plan.resident_layers,
             "offload_frame_resident_layers": frames.resident_layers,
-            "offload_frame_prefetch_depth": min(frames.prefetch_depth, self.num_layers - frames.resident_layers),
+            "offload_frame_prefetch_depth": frames.ring_slots(self.num_layers),
             "offload_streamed_layers": streamed,
             "offload_stream_dtype": self.plan.stream_dtype,
             "offload_encoded_residents": self.plan.encoded_residents,
@@ -709,16 +711,17 @@ class OffloadEngine:
         """`resident_bytes` after `set_resident_layers(resident_layers, encoded_residents)` and
         `load()`, computed without moving anything (ComfyUI asks this before it grants or
         takes VRAM)."""
-        plan = self.plan if encoded_residents is None else dataclasses.replace(self.plan, encoded_residents=encoded_residents)
+        plan = dataclasses.replace(self.plan, resident_layers=resident_layers)
+        if encoded_residents is not None:
+            plan = dataclasses.replace(plan, encoded_residents=encoded_residents)
         fixed = {id(t): t for m in self._resident_modules() for t in (*m.parameters(), *m.buffers())}
         core = self.model.model
         fixed.update({id(t): t for t in (core.latent_scaling_factor, core.latent_bias_factor)})
-        depth = min(plan.prefetch_depth, self.num_layers - resident_layers)
         staged = self.stream_layout.nbytes if plan.staged else None
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
             + resident_layers * self._resident_layer_nbytes(plan)
-            + ring_nbytes(self.native.nbytes, staged, depth, plan.compute_buffers, plan.encoded_residents)
+            + ring_nbytes(self.native.nbytes, staged, plan.ring_slots(self.num_layers), plan.compute_buffers, plan.encoded_residents)
         )
 
     @property
