@@ -9,16 +9,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-from unittest import mock
 
 import pytest
 import torch
 
+from vibevoice_offload.bench_case import first_outputs, relative_error
 from vibevoice_offload.cuda_graphs import GraphPool
-from vibevoice_offload.decoder_pass import DecoderPass
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import FrameLoop, GenerationSettings
-from vibevoice_offload.speech_frame import SpeechFrame
 from vibevoice_offload.offload import OffloadEngine
 from vibevoice_offload.plan import OffloadPlan
 from vibevoice_offload.pipeline import VibeVoice
@@ -136,31 +134,7 @@ def test_fused_packed_decoding_matches_the_reference_at_a_real_shape():
 
 
 def _capture_run(model, tokenizer, executor, voices, settings):
-    """Prefill hidden states (both branches) and the first frame's latent (the first frame
-    runs eagerly, before any CUDA graph is captured)."""
-    loop = FrameLoop(model, executor)
-    seen: dict[str, torch.Tensor] = {}
-    prompt_passes, sample = DecoderPass.run_rows, SpeechFrame._sample_latent
-
-    def first_pass(self, inputs):
-        out = prompt_passes(self, inputs)
-        seen.setdefault("prefill", out.float().cpu())
-        return out
-
-    def first_latent(self):
-        latent = sample(self)
-        if "latent" not in seen:  # later calls may be under graph capture: no copies then
-            seen["latent"] = latent.float().cpu()
-        return latent
-
-    prompt = build_prompt(tokenizer, model.config, SCRIPT, voices)
-    with mock.patch.object(DecoderPass, "run_rows", first_pass), mock.patch.object(SpeechFrame, "_sample_latent", first_latent):
-        loop.run(prompt, settings)
-    return seen
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return first_outputs(FrameLoop(model, executor), build_prompt(tokenizer, model.config, SCRIPT, voices), settings)
 
 
 def test_fp8_streaming_error_is_small(mid_dir, voices):
@@ -182,7 +156,7 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     got = _capture_run(vv.model, vv.tokenizer, engine, voices, settings)
     stats = engine.stats()
     engine.close()
-    e_prefill, e_latent = rel(got["prefill"], ref["prefill"]), rel(got["latent"], ref["latent"])
+    e_prefill, e_latent = relative_error(got["prefill"], ref["prefill"]), relative_error(got["latent"], ref["latent"])
     print(f"fp8 relative error: prefill hidden {e_prefill:.4f}, first latent {e_latent:.4f}; stats {stats}")
     assert e_prefill <= 0.12
     assert e_latent <= 0.12

@@ -214,6 +214,40 @@ def timed_frames(loop, prompt, frames: int, *, steps: int = STEPS, cfg: float = 
     }
 
 
+def first_outputs(loop, prompt, settings) -> dict[str, torch.Tensor]:
+    """Run `loop` on `prompt` and keep, as float32 on the host, the prompt pass's hidden
+    states (both branches: "prefill") and the first frame's latent ("latent"): where a
+    rounded stream format's error is measured. The first frame runs eagerly, before any CUDA
+    graph is captured, so copying its latent out is allowed."""
+    from unittest import mock
+
+    from .decoder_pass import DecoderPass
+    from .speech_frame import SpeechFrame
+
+    seen: dict[str, torch.Tensor] = {}
+    prompt_pass, sample = DecoderPass.run_rows, SpeechFrame._sample_latent
+
+    def first_pass(self, inputs):
+        out = prompt_pass(self, inputs)
+        seen.setdefault("prefill", out.float().cpu())
+        return out
+
+    def first_latent(self):
+        latent = sample(self)
+        if "latent" not in seen:  # later calls may be under graph capture: no copies then
+            seen["latent"] = latent.float().cpu()
+        return latent
+
+    with mock.patch.object(DecoderPass, "run_rows", first_pass), mock.patch.object(SpeechFrame, "_sample_latent", first_latent):
+        loop.run(prompt, settings)
+    return seen
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in float64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
 def result_stem(card: str) -> str:
     """`<card>-<yyyymmdd>`, the card's name in letters, digits and dashes: how the files in
     bench/results/ are named."""
