@@ -19,8 +19,10 @@
 #   hostram  1.5B, this project, bf16: host RAM with and without the mapped libraries' pages
 #   decode   GPU tests and both sizes' decoding kernels; if the tests pass, 1.5B, this project
 #            and every peer (resumes the JSON)
+#   rerun-1.5B  the fp8 error (GPU test and bench/fp8_error.py); 1.5B, this project and every
+#            peer, into a new JSON under $OUT/1.5B
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -76,6 +78,12 @@ case $phase in
     for size in Large 1.5B; do timeout 90 python3 bench/dequant_kernels.py --size $size --out "$OUT" 2>&1 | tail -3; done
     grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
     timeout 280 python3 bench/offload_bench.py --resume "$RUN" --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \
+      2>&1 | tee "$OUT/bench-1.5B.log"
+    ;;
+  rerun-1.5B)  # every 1.5B row, every peer, into a JSON of its own ($OUT/1.5B); the fp8 error on the GPU
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_offload_gpu.py -k fp8_streaming_error 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 90 python3 bench/fp8_error.py --out "$OUT" 2>&1 | tail -14
+    timeout 360 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 --out "$OUT/1.5B" \
       2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
   hostram)
