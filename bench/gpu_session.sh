@@ -21,8 +21,10 @@
 #            and every peer (resumes the JSON)
 #   rerun-1.5B  the fp8 error (GPU test and bench/fp8_error.py); 1.5B, this project and every
 #            peer, into a new JSON under $OUT/1.5B
+#   rerun-large, rerun-large-peers  the same for Large in two calls on one warm machine
+#   repeat-large-6  Large at 6 GB: ours bf16-packed and diffusers, three times in turns
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B | rerun-large | rerun-large-peers | repeat-large-6}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -85,6 +87,18 @@ case $phase in
     timeout 90 python3 bench/fp8_error.py --out "$OUT" 2>&1 | tail -14
     timeout 360 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 --out "$OUT/1.5B" \
       2>&1 | tee "$OUT/bench-1.5B.log"
+    ;;
+  rerun-large)  # Large, this project, into a JSON of its own ($OUT/Large)
+    timeout 570 python3 bench/offload_bench.py --models Large --methods ours --out "$OUT/Large" 2>&1 | tee "$OUT/bench-Large.log"
+    ;;
+  rerun-large-peers)  # after rerun-large, its JSON copied to bench/results/rerun-Large.json: Large's peers
+    timeout 570 python3 bench/offload_bench.py --resume bench/results/rerun-Large.json --models Large \
+      --methods diffusers seed accelerate generate --all-slow --peer-frames 20 --slow-frames 5 --out "$OUT/Large" \
+      2>&1 | tee "$OUT/bench-Large-peers.log"
+    ;;
+  repeat-large-6)  # Large at 6 GB, ours bf16-packed against diffusers, three times in turns, one process
+    timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --dtypes bf16-packed --budgets 6 \
+      --repeat 3 --peer-frames 20 --out "$OUT/repeat" 2>&1 | tee "$OUT/bench-Large-6-repeats.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

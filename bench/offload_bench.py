@@ -203,7 +203,8 @@ class Bench:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32  # the tiny CPU model is float32
         if not self.cuda:
             args.models, args.methods, args.breakdown = ["tiny"], ["ours"], False
-            log("cpu: a smoke run of this project's cases on the tiny model (the peers and --breakdown need CUDA)")
+            args.dtypes = [d for d in args.dtypes if d != "bf16-packed"]  # packs bf16 weights; the tiny model is float32
+            log("cpu: a smoke run of this project's cases on the tiny model (the peers, bf16-packed and --breakdown need CUDA)")
         self.date = datetime.date.today().strftime("%Y%m%d")
         self.json_path = self.out / f"{result_stem(self.card)}.json"
         self.rows: list[dict] = []
@@ -252,6 +253,8 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
             retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         row = {"model": model_name, "method": method, "stream_dtype": stream_dtype, "budget_gb": budget_gb or "full"}
+        if self.args.repeat > 1:
+            row["repeat"] = self.repeat
         start = time.perf_counter()
         try:
             with vram_budget(self.device, round(budget_gb * GB) if budget_gb else None), RssPeak() as peak:
@@ -597,6 +600,23 @@ class Bench:
         self.extra.setdefault("runtime_host_gb", {})[size] = (rss_bytes() - before) / GB
         log(f"{size}: the warm-up run left {self.extra['runtime_host_gb'][size]:.2f} GB of host memory behind")
 
+    def cases(self, size, config, prompt, budgets) -> None:
+        """Every method's cases for one size, ours first."""
+        if "ours" in self.args.methods:
+            self.ours(size, config, prompt, budgets)
+        for budget in (b for b in budgets if b is not None):
+            r = self.peer_resident_layers(config, prompt, budget)
+            if "diffusers" in self.args.methods:
+                self.peer(size, config, prompt, "diffusers", budget, r, self.args.peer_frames)
+            if size == "Large" and budget not in (12, 8) and not self.args.all_slow:
+                continue
+            if "seed" in self.args.methods:
+                self.peer(size, config, prompt, "seed", budget, r, self.args.slow_frames * 2)
+            if "accelerate" in self.args.methods:
+                self.peer(size, config, prompt, "accelerate", budget, r, self.args.slow_frames)
+        if "generate" in self.args.methods:
+            self.stock_generate(size, config, prompt, self.args.peer_frames)
+
     def run(self) -> None:
         from vibevoice_offload.planner import load_size_config
 
@@ -605,24 +625,13 @@ class Bench:
             prompt = bench_prompt(config)
             log(f"== {size}: prompt {prompt.length} tokens")
             budgets = self.budgets(size, config, prompt)
+            if self.args.budgets:
+                budgets = [b for b in budgets if b in self.args.budgets]
             if self.cuda:
                 self.warm_runtime(size, config, prompt)
-            if "ours" in self.args.methods:
-                self.ours(size, config, prompt, budgets)
-            n = config.text_config.num_hidden_layers
-            for budget in budgets[1:]:
-                r = self.peer_resident_layers(config, prompt, budget)
-                if "diffusers" in self.args.methods:
-                    self.peer(size, config, prompt, "diffusers", budget, r, self.args.peer_frames)
-                if size == "Large" and budget not in (12, 8) and not self.args.all_slow:
-                    continue
-                if "seed" in self.args.methods:
-                    self.peer(size, config, prompt, "seed", budget, r, self.args.slow_frames * 2)
-                if "accelerate" in self.args.methods:
-                    self.peer(size, config, prompt, "accelerate", budget, r, self.args.slow_frames)
-            if "generate" in self.args.methods:
-                self.stock_generate(size, config, prompt, self.args.peer_frames)
-            log(f"== {size} done; n={n}")
+            for self.repeat in range(self.args.repeat):
+                self.cases(size, config, prompt, budgets)
+            log(f"== {size} done")
         self.write()
         try:
             log("plot", plot(self.json_path))
@@ -688,6 +697,8 @@ def main(argv=None) -> int:
     parser.add_argument("--graphs", choices=("all", "speech", "none"), default="all",
                         help="which halves of our frame replay CUDA graphs: both (the default), only the speech "
                              "half (the loop before the decoder layers were captured), or neither")
+    parser.add_argument("--budgets", nargs="+", type=float, help="only these of the size's budgets (GB; the full card is not among them)")
+    parser.add_argument("--repeat", type=int, default=1, help="run every case this many times, in turns (rows get a `repeat` index)")
     parser.add_argument("--plot-only", metavar="JSON")
     parser.add_argument("--resume", metavar="JSON", help="append to an earlier run's JSON (same card)")
     args = parser.parse_args(argv)
