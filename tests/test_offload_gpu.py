@@ -143,9 +143,11 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     streamed in fp8). e4m3 keeps 3 mantissa bits, so each quantised linear adds about 2-3%
     relative error (row scales cannot remove rounding inside a row) and the errors of six
     layers compound; the synthetic weights (std 0.2) make the attention sharp, which
-    amplifies them. The CPU test `test_fp8_stream_equals_fp8_rounded_weights` shows the
-    engine adds nothing beyond the rounding itself. This test guards against regressions at
-    the measured level and reports the numbers."""
+    amplifies them. bench/fp8_error.py measures the same shapes with gentler weights (std
+    0.02, 1/sqrt(fan_in)): 1.5-1.6% with one fp8 layer, 5.2-5.9% with six, so the target holds
+    for one layer only, whatever the weights. The CPU test `test_fp8_stream_equals_fp8_rounded_weights`
+    shows the engine adds nothing beyond the rounding itself. This test guards against
+    regressions at the measured level and reports the numbers."""
     settings = GenerationSettings(cfg=1.3, steps=5, seed=5, max_frames=3)
     vv = load(mid_dir)
     vv.model.to("cuda")

