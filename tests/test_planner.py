@@ -454,6 +454,22 @@ def test_manual_plans(large):
         plan_manual(large, 28, budget_bytes=10 * GB, workload=WORK)
 
 
+def test_manual_bf16_packed_keeps_every_layer_decoded_where_they_fit_so(large):
+    """Nothing streams with every layer resident, so packed residents would only add the
+    decodings: decoded where the budget holds them, packed where only that fits, refused
+    below; fewer layers stay packed whatever the budget."""
+    decoded = _estimate(large, OffloadPlan(28, "bf16-packed")).total_vram
+    packed = _estimate(large, OffloadPlan(28, "bf16-packed", encoded_residents=True)).total_vram
+    assert packed < decoded - 2 * GB  # 28 x 112 MB saved, less the compute buffers
+    for budget in (None, decoded):
+        assert not plan_manual(large, 28, "bf16-packed", budget_bytes=budget, workload=WORK).encoded_residents
+    assert plan_manual(large, 28, "bf16-packed", budget_bytes=decoded - 1, workload=WORK).encoded_residents
+    with pytest.raises(PlanError, match="needs"):
+        plan_manual(large, 28, "bf16-packed", budget_bytes=packed - 1, workload=WORK)
+    assert plan_manual(large, 27, "bf16-packed", budget_bytes=40 * GB, workload=WORK).encoded_residents
+    assert not plan_manual(large, 28, "fp8", workload=WORK).encoded_residents
+
+
 @pytest.mark.parametrize(("plan", "field"), [
     (OffloadPlan(-1, "bf16"), "resident_layers"),
     (OffloadPlan(29, "bf16"), "resident_layers"),

@@ -925,7 +925,8 @@ def encoded_residents_for(stream_dtype: str) -> bool:
     layers in the stream format: bf16-packed does (the same bits in 0.76x the VRAM, and
     whenever a layer streams the frame waits on the link, not on the decoding). With every
     layer resident that would decode each one every pass for nothing (Large: about 13 ms a
-    frame): `auto` and the ComfyUI node keep every layer decoded where they all fit so."""
+    frame): `auto`, `plan_manual` and the ComfyUI node keep every layer decoded where they all
+    fit so."""
     return stream_dtype == "bf16-packed"
 
 
@@ -961,9 +962,17 @@ def plan_manual(
     workload: Workload = DEFAULT_WORKLOAD,
 ) -> OffloadPlan:
     """Exactly the plan asked for (`encoded_residents_for` the stream dtype); refused if
-    impossible, or (with a budget) if it does not fit."""
-    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded_residents_for(stream_dtype))
-    return _checked(config, plan, budget_bytes, dtype, workload, f"{resident_layers} resident layers")
+    impossible, or (with a budget) if it does not fit. Every layer resident with bf16-packed:
+    decoded where they fit so (nothing streams, so packing them would only add a decoding
+    per layer and pass), else packed."""
+    what = f"{resident_layers} resident layers"
+    encoded = encoded_residents_for(stream_dtype)
+    if encoded and resident_layers == config.text_config.num_hidden_layers:
+        decoded = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=False)
+        if budget_bytes is None or estimate_for_workload(config, decoded, dtype, workload).total_vram <= budget_bytes:
+            return _checked(config, decoded, budget_bytes, dtype, workload, what)
+    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded)
+    return _checked(config, plan, budget_bytes, dtype, workload, what)
 
 
 # --------------------------------------------------------------------------------------
