@@ -576,10 +576,10 @@ class Bench:
     def warm_runtime(self, size, config, prompt) -> None:
         """A short run of each stream dtype, one layer streamed, on a throwaway model of this
         size, before any case takes its host RAM baseline. The CUDA runtime loads kernel images
-        lazily, on their first launch, and keeps them for the life of the process (0.5-0.7 GB of
-        host memory; docs/OFFLOADING.md): without this the first case of a size pays for them and
-        the cases after it, the peers', do not. What the warm-up leaves behind is recorded as
-        `extra["runtime_host_gb"]`."""
+        lazily, on their first launch, and keeps them for the life of the process (with Triton's
+        compiled kernels, 1.1-1.2 GB of host memory on the H100; docs/OFFLOADING.md): without this
+        the first case of a size pays for them and the cases after it, the peers', do not. What
+        the warm-up leaves behind is recorded as `extra["runtime_host_gb"]`."""
         from vibevoice_offload.offload import OffloadEngine
         from vibevoice_offload.plan import OffloadPlan
 

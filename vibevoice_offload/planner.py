@@ -1008,7 +1008,9 @@ RESIDENT_FRAME = {
         "(14.04 and 14.17 ms; other runs that day on other H100s: 13.5-14.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
-
+"""T_resident per released size. With the frame replayed from CUDA graphs the GPU, not the
+host, sets it; runs on one H100 still differed by up to 17% (1.5B), which
+`bench/planner_accuracy.py` and `offload_bench.py` measure per run."""
 DEFAULT_RESIDENT_MS = {size: frame.ms for size, frame in RESIDENT_FRAME.items()}
 
 # GPU time to decode a streamed staged layer (dequant.dequantise, the fused kernels), per GB
