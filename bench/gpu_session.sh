@@ -22,9 +22,11 @@
 #   rerun-1.5B  the fp8 error (GPU test and bench/fp8_error.py); 1.5B, this project and every
 #            peer, into a new JSON under $OUT/1.5B
 #   rerun-large, rerun-large-peers  the same for Large in two calls on one warm machine
-#   repeat-large-6  Large at 6 GB: ours bf16-packed and diffusers, three times in turns
+#   repeat   SIZE BUDGET DTYPE [METHOD...] (default ours): those cases three times in turns;
+#            Large 6 bf16-packed ours diffusers, 1.5B 4 bf16 ours
+#   hostram-trimmed  this project, both sizes, 60 frames, the heap trimmed before each baseline
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B | rerun-large | rerun-large-peers | repeat-large-6}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B | rerun-large | rerun-large-peers | repeat | hostram-trimmed}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -96,9 +98,14 @@ case $phase in
       --methods diffusers seed accelerate generate --all-slow --peer-frames 20 --slow-frames 5 --out "$OUT/Large" \
       2>&1 | tee "$OUT/bench-Large-peers.log"
     ;;
-  repeat-large-6)  # Large at 6 GB, ours bf16-packed against diffusers, three times in turns, one process
-    timeout 570 python3 bench/offload_bench.py --models Large --methods ours diffusers --dtypes bf16-packed --budgets 6 \
-      --repeat 3 --peer-frames 20 --out "$OUT/repeat" 2>&1 | tee "$OUT/bench-Large-6-repeats.log"
+  repeat)  # repeat SIZE BUDGET DTYPE [METHOD...]: those cases three times in turns, one process
+    size=${2:?size} budget=${3:?budget} dtype=${4:?stream dtype}; shift 4
+    timeout 570 python3 bench/offload_bench.py --models "$size" --methods ${@:-ours} --dtypes "$dtype" --budgets "$budget" \
+      --repeat 3 --peer-frames 20 --out "$OUT/repeat" 2>&1 | tee "$OUT/bench-$size-$budget-repeats.log"
+    ;;
+  hostram-trimmed)  # this project, both sizes, 60 frames: host RAM with glibc's heap trimmed before each baseline
+    timeout 560 python3 bench/offload_bench.py --models 1.5B Large --methods ours --frames 60 --out "$OUT/hostram" \
+      2>&1 | tee "$OUT/bench-host-ram-trimmed.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

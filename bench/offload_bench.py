@@ -59,6 +59,7 @@ from vibevoice_offload.bench_case import (  # noqa: E402
     vram_budget,
     warm_libraries,
 )
+from vibevoice_offload.offload.host_slabs import return_freed_memory  # noqa: E402
 from vibevoice_offload.planner import DEFAULT_PCIE_GEN, GB, PCIE_DEFAULTS  # noqa: E402
 
 FRAME_MS = 3200 / 24000 * 1000  # 133.3 ms of audio per frame
@@ -305,6 +306,7 @@ class Bench:
         its bytes; host RAM is baselined just before it is built (host_ram_vs_model)."""
         gc.collect()
         empty_host_cache()
+        return_freed_memory()  # the last case's freed tensors, kept in glibc's heap, would count as the baseline
         self.rss_before_model = rss_bytes()
         self.anonymous_before_model = rss_bytes(anonymous=True)
         model = self.random_model(config)
@@ -585,6 +587,7 @@ class Bench:
 
         gc.collect()
         empty_host_cache()
+        return_freed_memory()
         before = rss_bytes()
         model = self.random_model(config, seed=1)
         n = config.text_config.num_hidden_layers
@@ -596,6 +599,7 @@ class Bench:
         del model, engine
         gc.collect()
         empty_host_cache()
+        return_freed_memory()
         torch.cuda.empty_cache()
         self.extra.setdefault("runtime_host_gb", {})[size] = (rss_bytes() - before) / GB
         log(f"{size}: the warm-up run left {self.extra['runtime_host_gb'][size]:.2f} GB of host memory behind")
