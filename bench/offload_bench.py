@@ -83,6 +83,15 @@ def rss_bytes(anonymous: bool = False) -> int:
     return (resident - file_backed if anonymous else resident) * os.sysconf("SC_PAGE_SIZE")
 
 
+def release_host_memory() -> None:
+    """Everything freed back to the OS before host RAM is baselined: Python's garbage,
+    PyTorch's cached pinned blocks and glibc's heap, where freed tensors up to 32 MiB stay
+    (the baseline would count them and the next model reuse them)."""
+    gc.collect()
+    empty_host_cache()
+    return_freed_memory()
+
+
 class RssPeak:
     """Peak resident host memory over a case (all of it, and anonymous only), sampled every 10 ms."""
 
@@ -212,6 +221,7 @@ class Bench:
         self.t_resident: dict[str, float] = {}
         self.decoder_ms: dict[str, float] = {}  # the decoder pass inside T_resident (GPU timeline)
         self.extra: dict = {}
+        self.repeat = 0  # the turn of --repeat running now
         if self.cuda:
             warm_libraries()
             self.link = measure_h2d_gbps()
@@ -304,9 +314,7 @@ class Bench:
     def fresh_model(self, config):
         """A new random model at `config`'s shapes (on a CPU the tiny model, `tiny_config()`) and
         its bytes; host RAM is baselined just before it is built (host_ram_vs_model)."""
-        gc.collect()
-        empty_host_cache()
-        return_freed_memory()  # the last case's freed tensors, kept in glibc's heap, would count as the baseline
+        release_host_memory()
         self.rss_before_model = rss_bytes()
         self.anonymous_before_model = rss_bytes(anonymous=True)
         model = self.random_model(config)
@@ -585,9 +593,7 @@ class Bench:
         from vibevoice_offload.offload import OffloadEngine
         from vibevoice_offload.plan import OffloadPlan
 
-        gc.collect()
-        empty_host_cache()
-        return_freed_memory()
+        release_host_memory()
         before = rss_bytes()
         model = self.random_model(config, seed=1)
         n = config.text_config.num_hidden_layers
@@ -597,9 +603,7 @@ class Bench:
             timed_frames(self.our_loop(model, engine), prompt, 3)
             engine.close()
         del model, engine
-        gc.collect()
-        empty_host_cache()
-        return_freed_memory()
+        release_host_memory()
         torch.cuda.empty_cache()
         self.extra.setdefault("runtime_host_gb", {})[size] = (rss_bytes() - before) / GB
         log(f"{size}: the warm-up run left {self.extra['runtime_host_gb'][size]:.2f} GB of host memory behind")
@@ -633,7 +637,8 @@ class Bench:
                 budgets = [b for b in budgets if b in self.args.budgets]
             if self.cuda:
                 self.warm_runtime(size, config, prompt)
-            for self.repeat in range(self.args.repeat):
+            for repeat in range(self.args.repeat):
+                self.repeat = repeat  # case() labels its rows with it
                 self.cases(size, config, prompt, budgets)
             log(f"== {size} done")
         self.write()
