@@ -823,8 +823,8 @@ def plan_auto(
                 break  # a deeper ring only needs more
             if candidate.resident_layers == n and not encoded:
                 return candidate  # no ring at all
-            if best is not None and n - candidate.resident_layers < depth:
-                continue  # fewer layers to stream than slots: the same ring as a shallower depth
+            if depth > depths[0] and n - candidate.resident_layers < depth:
+                continue  # fewer layers to stream than slots: the same ring as this shape's shallower depth
             link = link_bandwidth_gbps() if link is None else link
             if frame_extension:
                 candidate = with_frame_extension(config, candidate, dtype, workload, link, resident_ms, decoder_ms)
