@@ -13,7 +13,7 @@ from vibevoice_offload.bf16_packing import PackingError
 from vibevoice_offload.executor import ResidentExecutor
 from vibevoice_offload.frame_loop import GenerationSettings
 from vibevoice_offload.offload import OffloadEngine, SlabLayout
-from vibevoice_offload.offload.gpu_slots import make_shell
+from vibevoice_offload.offload.gpu_slots import DecodedLinear, make_shell, weight_buffer_nbytes
 from vibevoice_offload.offload import engine as engine_module
 from vibevoice_offload.offload import host_slabs
 from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE, PACKED
@@ -39,6 +39,12 @@ def reference_bf16(tiny_model_dir, reference):
     voices, _ = reference
     vv = VibeVoice.load(tiny_model_dir, dtype="bf16")
     return vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform
+
+
+def decoded_into(engine: OffloadEngine, compute_buffers: int) -> int:
+    """The ring's model-dtype bytes that staged layers are decoded into: two layers ahead, or
+    on use the largest weight."""
+    return 2 * engine.native.nbytes if compute_buffers == 2 else weight_buffer_nbytes(engine.native, engine.stream_layout)
 
 
 def engine_for(tiny_model_dir, plan, dtype=None):
@@ -138,15 +144,14 @@ def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
 def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, compute_buffers):
     """fp8 streaming adds no error beyond the rounding: the same audio as a resident model whose
     streamed layers' linear weights were quantised and dequantised (row scales, float32).
-    With one compute buffer each layer is dequantised into it only once the previous one ran."""
+    Decoded a layer ahead into two compute buffers, or on use into one weight-sized buffer."""
     from vibevoice_offload.fp8 import quantize_fp8
 
     voices, _ = reference
     plan = OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=compute_buffers)
     vv, engine = engine_for(tiny_model_dir, plan)
     streamed = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
-    assert len(engine._ring.computes) == compute_buffers
-    assert engine.slot_bytes == compute_buffers * engine.native.nbytes + 2 * engine.stream_layout.nbytes
+    assert engine.slot_bytes == decoded_into(engine, compute_buffers) + 2 * engine.stream_layout.nbytes
     engine.close()
     rounded = VibeVoice.load(tiny_model_dir, dtype="fp32")
     with torch.no_grad():
@@ -157,6 +162,31 @@ def test_fp8_stream_equals_fp8_rounded_weights(tiny_model_dir, reference, comput
                     module.weight.copy_(q.to(torch.float32) * scale[:, None])
     expected = rounded.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(rounded.model)).waveform
     assert torch.equal(streamed, expected)
+
+
+@pytest.mark.parametrize("stream_dtype,encoded", [("fp8", False), ("bf16-packed", False), ("bf16-packed", True)])
+def test_decoding_on_use_shares_one_weight_sized_buffer(tiny_model_dir, stream_dtype, encoded):
+    """Decoded on use, each slot's module (the rotating slots' and the encoded residents'
+    fixed ones) runs every linear layer from one buffer the size of the layer's largest
+    weight, shared by all slots, and its norms and biases from its own slot: the ring is
+    its staging slots and that one weight, not a layer."""
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, stream_dtype, prefetch_depth=2, compute_buffers=1, encoded_residents=encoded))
+    engine.load()
+    ring = engine._ring
+    template = vv.model.model.language_model.layers[0]
+    largest = max(m.weight.numel() for m in template.modules() if isinstance(m, torch.nn.Linear))
+    assert ring.weight_buffer.numel() == largest * vv.model.dtype.itemsize and not ring.computes
+    assert engine.slot_bytes == 2 * engine.stream_layout.nbytes + ring.weight_buffer.numel()
+    slots = [*ring.slots, *ring.fixed.values()]
+    assert len(slots) == 2 + encoded
+    for slot in slots:
+        linears = [m for m in slot.module.modules() if isinstance(m, DecodedLinear)]
+        assert len(linears) == sum(isinstance(m, torch.nn.Linear) for m in template.modules()) > 0
+        assert all(m.weight.data_ptr() == ring.weight_buffer.data_ptr() for m in linears)
+        start, end = slot.buffer.data_ptr(), slot.buffer.data_ptr() + slot.buffer.numel()
+        own = [t for t in slot.module.parameters()] + [m.bias for m in linears if m.bias is not None]
+        assert own and all(start <= t.data_ptr() < end for t in own)  # norms and biases: views into the slot
+    engine.close()
 
 
 @pytest.mark.parametrize("resident,depth,compute_buffers,encoded", [
@@ -175,7 +205,7 @@ def test_packed_streaming_is_bit_identical_to_resident(tiny_model_dir, reference
     stats = engine.stats()
     assert torch.equal(out, reference_bf16)
     if resident < LAYERS or encoded:
-        assert len(engine._ring.computes) == compute_buffers
+        assert engine.slot_bytes == decoded_into(engine, compute_buffers) + min(depth, LAYERS - resident) * engine.stream_layout.nbytes
         assert stats["offload_bytes_streamed"] == stats["offload_copies"] * engine.stream_layout.nbytes
         assert stats["offload_copies"] == stats["offload_passes"] * (LAYERS - resident) + min(depth, LAYERS - resident)
     layers = vv.model.model.language_model.layers
@@ -259,21 +289,23 @@ def test_an_aborted_pass_resyncs_the_ring(tiny_model_dir, reference):
 
 @pytest.mark.parametrize("resident,depth,compute_buffers", [(2, 2, 1), (1, 3, 2), (3, 2, 2)])
 def test_encoded_residents_are_decoded_in_turn_and_never_copied(tiny_model_dir, reference, reference_bf16, resident, depth, compute_buffers):
-    """Encoded residents: every layer is decoded in order each pass, each resident from its own
-    fixed slot; the copies are the streamed layers' only, cyclic, into the rotating slots;
-    a resident layer costs its packed bytes on the device."""
+    """Encoded residents: every layer runs from the ring (decoded) in order each pass, each
+    resident from its own fixed slot; the copies are the streamed layers' only, cyclic, into
+    the rotating slots; a resident layer costs its packed bytes on the device."""
     voices, _ = reference
     plan = OffloadPlan(resident, "bf16-packed", depth, compute_buffers=compute_buffers, encoded_residents=True)
     vv, engine = engine_for(tiny_model_dir, plan)
     issued = _trace(engine)
     decoded = []
-    original = engine._dequantise
+    original = engine.decoder_layer
 
-    def dequantise(use):
+    def decoder_layer(index):
+        module = original(index)
+        use = engine._queue[0]
         decoded.append((use.layer, use.slot.index, use.copied))
-        original(use)
+        return module
 
-    engine._dequantise = dequantise
+    engine.decoder_layer = decoder_layer
     engine.load()
     assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, reference_bf16)
     streamed = list(plan.streamed_indices(LAYERS))
@@ -364,7 +396,7 @@ def test_frame_extension_is_exact_and_undone_when_the_run_ends(tiny_model_dir, r
     layer = engine.native.nbytes
     resident_layer = engine.stream_layout.nbytes if encoded else layer
     # frames: 2 more layers on the device, the ring shrinks to the one layer left to stream
-    slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + 2 * layer  # staged: staging + compute buffers
+    slot = layer if stream_dtype == "bf16" else engine.stream_layout.nbytes + decoded_into(engine, 2)  # staged: staging + compute buffers
     streamed = list(base.streamed_indices(LAYERS))  # 3 of the 4 layers; only the last of them in the frames
     cycle = [0, 1, 2, 3] if encoded else streamed  # the layers that run from the ring
     frames_cycle = LAYERS if encoded else 1  # in the frames: every layer, or the one left to stream

@@ -167,7 +167,7 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
 
 
 @pytest.mark.parametrize("stream_dtype,compute_buffers,encoded", [
-    ("fp8", 2, False), ("fp8", 1, False), ("bf16-packed", 1, False), ("bf16-packed", 2, True),
+    ("fp8", 2, False), ("fp8", 1, False), ("bf16-packed", 1, False), ("bf16-packed", 2, True), ("bf16-packed", 1, True),
 ])
 def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, compute_buffers, encoded):
     vv = load(mid_dir)
@@ -190,10 +190,10 @@ def test_no_device_allocation_in_steady_state(mid_dir, voices, stream_dtype, com
     assert marks[6] == marks[40]
 
 
-def test_one_compute_buffer_writes_the_same_bits(mid_dir, voices):
-    """fp8 with one compute buffer (each layer dequantised only once the previous one ran:
-    the smallest ring) writes the same bits as with two (dequantised a layer ahead, while
-    the previous one computes), every graph on."""
+def test_decoding_on_use_writes_the_same_bits(mid_dir, voices):
+    """fp8 decoded on use (each weight just before its matmul, into one weight-sized buffer:
+    the smallest ring) writes the same bits as decoded a layer ahead into two compute
+    buffers, while the previous layer computes, every graph on."""
     settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=12)
     runs = {
         buffers: run_engine(mid_dir, voices, settings, OffloadPlan(2, "fp8", prefetch_depth=3, compute_buffers=buffers))[0]
@@ -344,15 +344,16 @@ def test_decoder_graphs_equal_eager_layers(mid_dir, voices, plan):
         runs[graph] = FrameLoop(vv.model, engine, cuda_graph=graph).run(prompt, settings)
     dequant_graphs = len(engine._ring._dequant_graphs) if engine._ring is not None else 0
     engine.close()
-    # Copies and dequantisations run in one order, so with two staging slots and two compute
-    # buffers slot i always feeds buffer i, and with one both feed it: two (buffer, slot)
-    # pairs, each captured.
-    assert dequant_graphs == (2 if plan.staged else 0)
+    # Decoded ahead, copies and dequantisations run in one order, so with two staging slots
+    # and two compute buffers slot i always feeds buffer i: two (buffer, slot) pairs, each
+    # captured. Decoded on use, the decoding is in the layers' graphs.
+    decodes_ahead = plan.staged and plan.compute_buffers == 2
+    assert dequant_graphs == (2 if decodes_ahead else 0)
     assert runs[True].stats["speech_graph"] and not runs[False].stats["speech_graph"]
     streamed = LAYERS - plan.resident_layers
-    # a streamed layer runs from the slot or compute buffer its turn gives it: with two it
-    # alternates (5 streamed layers), with one (fp8, one compute buffer) it never changes
-    modules = (plan.compute_buffers if plan.staged else plan.prefetch_depth) if streamed else 1
+    # a streamed layer runs from the slot (or compute buffer) its turn gives it: with two it
+    # alternates (5 streamed layers)
+    modules = (plan.compute_buffers if decodes_ahead else plan.prefetch_depth) if streamed else 1
     assert runs[True].stats["decoder_layer_graphs"] >= LAYERS + streamed * (min(modules, 2) - 1)
     assert runs[False].stats["decoder_layer_graphs"] == 0
     assert torch.equal(runs[True].waveform, runs[False].waveform)

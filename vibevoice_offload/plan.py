@@ -66,8 +66,8 @@ class OffloadPlan:
     12-bit format of `bf16_packing` (3/4 of the bytes; a bf16 model, and Triton on CUDA).
     "fp8": the `nn.Linear` weights as `torch.float8_e4m3fn` with one float32 scale per
     output channel (row; half the bytes, rounded). Norms and biases stay in the model dtype.
-    The two encoded formats are "staged": the engine decodes them into a model-dtype
-    compute buffer on the GPU."""
+    The two encoded formats are "staged": the engine decodes their weights into the model
+    dtype on the GPU (`compute_buffers`)."""
 
     prefetch_depth: int = 2
     """GPU slots in the ring: one being computed, the others being filled (>= 2)."""
@@ -89,14 +89,16 @@ class OffloadPlan:
     the link busy through the part of the frame that has no streamed layer."""
 
     compute_buffers: int = 2
-    """Staged streaming only: the model-dtype buffers that staged layers are decoded into.
-    2: the next layer's decoding may run while the current one waits or computes (it takes
-    turns with the layers on the GPU). 1: a layer less of VRAM (fp8 then fits wherever
-    bf16 does), each layer decoded only after the previous one ran."""
+    """Staged streaming only: how staged layers are decoded into the model dtype.
+    2: into two layer-sized buffers, a layer ahead: the next layer's decoding may run while
+    the current one waits or computes (it takes turns with the layers on the GPU).
+    1: on use, each weight just before its matmul, into one buffer the size of the largest
+    weight (`gpu_slots.DecodedLinear`): the same GPU work, decoded only once the previous
+    layer ran, for two layers less of VRAM (less a weight: Large 0.80 GB)."""
 
     encoded_residents: bool = False
     """bf16-packed only: the resident layers stay on the GPU packed, as they stream, and are
-    decoded into the compute buffers before each use like the streamed ones. A resident
+    decoded before each use like the streamed ones. A resident
     layer then costs 0.76x the VRAM for the same bits, so a budget holds about a third
     more of them, for 28 decodings a frame (Large: 0.46 ms of GPU time each) where the
     frame waits on the link anyway. (fp8 residents would be rounded: not offered.)"""
@@ -116,7 +118,7 @@ class OffloadPlan:
         return tuple(i for i in range(num_layers) if i not in resident)
 
     def decoded_indices(self, num_layers: int) -> tuple[int, ...]:
-        """The layers that run from a compute buffer (decoded before each use), in pass order:
+        """The layers whose weights are decoded before each use, in pass order:
         the streamed ones of a staged format, and with `encoded_residents` every layer."""
         if not self.staged:
             return ()

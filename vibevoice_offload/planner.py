@@ -186,6 +186,9 @@ class ModelSizes:
     """Each decoder layer as streamed bf16-packed (the engine's PACKED slab): nn.Linear
     weights in `bf16_packing`'s parts (1.5 bytes per element plus the exception list), each
     padded to 256 bytes, plus biases and norms as they are."""
+    largest_weights: tuple[int, ...]
+    """Each decoder layer's largest nn.Linear weight in the model dtype: what a staged layer
+    decoded on use needs in model-dtype VRAM (`gpu_slots.weight_buffer_nbytes`)."""
     embed_tokens: int
     lm_head: int
     """0 when tied to `embed_tokens` (1.5B)."""
@@ -257,6 +260,7 @@ def _sizes(config: VibeVoiceConfig, census: _Census, dtype: torch.dtype) -> Mode
         layers=tuple(_slab_bytes(c, itemsize, "bf16") for c in census.layers),
         layers_fp8=tuple(_slab_bytes(c, itemsize, "fp8") for c in census.layers),
         layers_packed=tuple(_slab_bytes(c, itemsize, "bf16-packed") for c in census.layers),
+        largest_weights=tuple(max((t.numel * itemsize for t in c.tensors if t.rows), default=0) for c in census.layers),
         embed_tokens=part("embed_tokens"),
         lm_head=part("lm_head"),
         lm_head_slice=LM_HEAD_ROWS * config.text_config.hidden_size * itemsize,
@@ -440,10 +444,10 @@ class Estimate:
     S = `OffloadPlan.ring_slots` (the engine never builds more slots than
     layers to stream): bf16 streaming, S model-dtype slots of one layer each; staged
     streaming (fp8, bf16-packed), S staging slots (the layer's encoded slab: weights and
-    their other parts, biases and norms) plus the plan's `compute_buffers` (1 or 2)
-    model-dtype compute buffers that the layers are decoded into in turn, on a stream of
-    their own (with 2, one layer ahead of compute). Encoded residents need the compute
-    buffers even when nothing is streamed."""
+    their other parts, biases and norms) plus what the weights are decoded into
+    (`OffloadPlan.compute_buffers`): 2, two model-dtype layers (decoded a layer ahead, on a
+    stream of their own); 1, the largest weight (decoded on use). Encoded residents need
+    that even when nothing is streamed."""
     kv_cache: int
     """Both CFG branches, ALL decoder layers (streamed layers keep their KV on the GPU): the
     branches are rows of one static buffer per layer (`decoder_pass.BranchCache`), each
@@ -522,7 +526,8 @@ def ring_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
         return 0
     native = max(sizes.layers[i] for i in decoded)
     staged = max(sizes.stream_bytes(i, plan.stream_dtype) for i in decoded) if plan.staged else None
-    return ring_nbytes(native, staged, plan.ring_slots(num_layers), plan.compute_buffers, plan.encoded_residents)
+    weight = max(sizes.largest_weights[i] for i in decoded)
+    return ring_nbytes(native, staged, plan.ring_slots(num_layers), plan.compute_buffers, plan.encoded_residents, weight)
 
 
 def _frame_extension_bytes(sizes: ModelSizes, plan: OffloadPlan, num_layers: int) -> int:
@@ -754,8 +759,8 @@ def _most_resident(
 ) -> tuple[OffloadPlan, int]:
     """The plan like `base` with the most resident layers whose estimate fits, and its need.
     Searches from all-resident downwards: the estimate is not monotone at the top (with
-    a staged format, N-1 resident layers need a staging slot and a compute buffer, more than the layer
-    itself; keeping all N drops the ring). Returns the 0-resident plan if nothing fits."""
+    a staged format, N-1 resident layers need a staging slot and what it is decoded into,
+    possibly more than the layer itself; keeping all N drops the ring). Returns the 0-resident plan if nothing fits."""
     n = config.text_config.num_hidden_layers
     for resident in range(n, -1, -1):
         plan = dataclasses.replace(base, resident_layers=resident)
@@ -789,8 +794,8 @@ def plan_auto(
     and of those plans the one `predict_ms_per_frame` rates fastest with its frame
     extension; a shape later in the order must win by AUTO_DEPTH_GAIN. The shapes, in
     that order: depth 2..N (or only `prefetch_depth` if given) with two compute buffers,
-    then for a staged format the same depths with one (a layer less of VRAM: the smallest fp8 ring is
-    then bf16's, and at the smallest budgets it is the only one that fits); only
+    then for a staged format the same depths decoded on use (`compute_buffers` 1: two
+    layers less a weight of VRAM, so at the smallest budgets the only ring that fits); only
     `compute_buffers` if given; then for bf16-packed all of these again with encoded
     residents (`OffloadPlan.encoded_residents`: a third more resident layers in the same
     VRAM, each decoded before it runs; only one kind if `encoded_residents` is given). A ring of S
@@ -1076,14 +1081,15 @@ def simulate_frame_ms(
     head, tokenizers, sampling).
     Copies of `copy_ms` run in order on one copy engine, in the cyclic order of the streamed
     layers across frames; copy j goes into slot j % S (S = min(depth, streamed)) once that
-    slot is free: bf16, when the layer copied into it by copy j - S has finished; a staged
-    format (`staged`), when that layer's decoding has finished. Decodings (`dequant_ms`
-    each) are queued in order on their own stream into one of `compute_buffers` compute
-    buffers: decoding j may start when copy j is done and layer j - compute_buffers has left
-    its buffer (with one, right after the previous layer ran). A layer may start when the
-    previous one ended and its copy (staged: its decoding) is done. With
-    `encoded_residents` (staged) the resident layers are decoded too, in the same order and
-    buffers, with nothing to copy.
+    slot is free: when the layer copied into it by copy j - S has finished; a staged format
+    (`staged`) decoded a layer ahead (2 `compute_buffers`), when that layer's decoding has
+    finished. Decoded ahead, decodings (`dequant_ms` each) are queued in order on their own
+    stream into one of the two compute buffers: decoding j may start when copy j is done
+    and layer j - 2 has left its buffer. A layer may start when the previous one ended and
+    its copy (decoded ahead: its decoding) is done. Decoded on use (1 `compute_buffers`), a
+    layer's decoding is part of it: `dequant_ms` more on the compute stream. With
+    `encoded_residents` (staged) the resident layers are decoded too, in the same order,
+    with nothing to copy.
 
     Decodings and layers share the GPU: of the two streams' next pieces of work, the one
     ready first runs, and the other waits for it. (On the H100 a decoding running beside
@@ -1097,6 +1103,7 @@ def simulate_frame_ms(
     copy_index = {layer: j for j, layer in enumerate(i for i in range(num_layers) if i not in residents)}
     streamed = len(copy_index)
     decodes_residents = staged and encoded_residents
+    decodes_ahead = staged and compute_buffers > 1
     if streamed <= 0 and not decodes_residents:
         return num_layers * layer_ms + other_ms
     depth = min(depth, streamed)
@@ -1109,11 +1116,12 @@ def simulate_frame_ms(
     for frame in range(frames):
         for layer in range(num_layers):
             copy = frame * streamed + copy_index[layer] if layer in copy_index else None
-            if staged and (copy is not None or decodes_residents):
+            decoded = staged and (copy is not None or decodes_residents)
+            if decoded and decodes_ahead:
                 decode_copies.append(copy)
                 computes.append((layer_ms, len(decode_copies) - 1, None))
             else:
-                computes.append((layer_ms, None, copy))
+                computes.append((layer_ms + (dequant_ms if decoded else 0.0), None, copy))
         computes.append((other_ms, None, None))
         frame_ends.append(len(computes) - 1)
     decoded_by = {d: i for i, (_, d, _) in enumerate(computes) if d is not None}

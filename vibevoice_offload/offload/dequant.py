@@ -60,19 +60,20 @@ class PackedOp:
 DequantOp = CopyOp | Fp8Op | PackedOp
 
 
+def dequant_op(stream: SlabLayout, name: str, out: torch.Tensor, staging: torch.Tensor) -> DequantOp:
+    """The op that writes tensor `name` of `staging` (a layer in the `stream` layout) into `out`."""
+    src = stream.by_name()
+    entry = src[name]
+    if entry.role != "q":
+        return CopyOp(out, entry.view(staging))
+    if stream.format == FP8:
+        return Fp8Op(out, entry.view(staging), src[name + ".__scale"].view(staging))
+    return PackedOp(out, packed_weight(src, name, staging))
+
+
 def dequant_ops(native: SlabLayout, stream: SlabLayout, dst: torch.Tensor, staging: torch.Tensor) -> list[DequantOp]:
     """The ops that turn `staging` (a layer in the `stream` layout) into `dst` (NATIVE layout)."""
-    src = stream.by_name()
-    ops: list[DequantOp] = []
-    for entry in native.entries:
-        s, out = src[entry.name], entry.view(dst)
-        if s.role != "q":
-            ops.append(CopyOp(out, s.view(staging)))
-        elif stream.format == FP8:
-            ops.append(Fp8Op(out, s.view(staging), src[entry.name + ".__scale"].view(staging)))
-        else:
-            ops.append(PackedOp(out, packed_weight(src, entry.name, staging)))
-    return ops
+    return [dequant_op(stream, entry.name, entry.view(dst), staging) for entry in native.entries]
 
 
 def dequantise(ops: list[DequantOp], *, fused_kernel: bool = True) -> None:

@@ -6,24 +6,26 @@ slabs (pinned) and are copied, one slab per layer, into a fixed ring of S GPU sl
 dedicated copy stream. Ordering uses events only, never a host synchronisation:
 
 - copy c (layer `streamed[c % k]`, slot `c % S`) first makes the copy stream wait on that
-  slot's "free" event: recorded on the compute stream after the slot's previous layer ran
-  (bf16), or on the dequantisation stream once that layer was decoded out of it (the staged
-  formats, fp8 and bf16-packed);
-- staged: the layer is decoded (`dequant.py`) on a stream of its own into one of the plan's
-  `compute_buffers`, after its copy and after the compute stream is done with that
-  buffer's previous layer; with two, the next streamed layer's decoding is queued while
-  the current one runs (the GPU runs the two in turn: free while layers wait for a copy);
-- `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (staged:
-  the compute buffer's "ready" event);
+  slot's "free" event: recorded on the compute stream after the slot's previous layer ran,
+  or, for a staged format (fp8, bf16-packed) decoded a layer ahead, on the dequantisation
+  stream once that layer was decoded out of it;
+- staged, decoded ahead (two `compute_buffers`): the layer is decoded (`dequant.py`) on a
+  stream of its own into one of the two compute buffers, after its copy and after the
+  compute stream is done with that buffer's previous layer, so the next streamed layer's
+  decoding is queued while the current one runs (the GPU runs the two in turn: free while
+  layers wait for a copy); staged, decoded on use (one): the slot's own module decodes
+  each weight as it runs (`gpu_slots.DecodedLinear`), as part of the layer;
+- `decoder_layer(i)` makes the compute stream wait on the slot's "copy done" event (decoded
+  ahead: the compute buffer's "ready" event);
 - `decoder_layer_done(i)` records "free" and issues the next copy in the cyclic order of
   the streamed layers, wrapping into the next pass: while the diffusion head and the
   tokenizers of frame t run (and any resident layers before the first streamed one), the
   first streamed layers of frame t+1 are already crossing the link.
 
 Encoded residents (bf16-packed, `plan.encoded_residents`): the resident layers stay on the
-device packed, one "fixed" slot each, and join the cyclic order: each is decoded into a
-compute buffer before it runs, like a streamed layer, with no copy. The order of decoded
-layers is then every layer; the ring still holds `S` copies in flight.
+device packed, one "fixed" slot each, and join the cyclic order: each is decoded like a
+streamed layer, with no copy. The order of decoded layers is then every layer; the ring
+still holds `S` copies in flight.
 
 The frame extension: between the prompt pass and the first frame (`begin_frames`) the
 engine makes `plan.frame_layers` more layers resident and rebuilds the ring
@@ -52,7 +54,7 @@ from torch import nn
 from ..bf16_packing import PackingError
 from ..plan import OffloadPlan, residency_order
 from .dequant import dequant_ops, dequantise, require_packed_kernel
-from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes
+from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes, weight_buffer_nbytes
 from .host_slabs import (
     NATIVE, PACKED, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, return_freed_memory, unpack_layer,
 )
@@ -113,8 +115,8 @@ class _Placement:
 @dataclasses.dataclass
 class _Use:
     """One coming use of a layer from the ring: streamed layer `layer` on its way into `slot`
-    (`copied`), or an encoded resident in its fixed slot; with staged streaming, the compute
-    buffer it has been dequantised into (None until that is enqueued)."""
+    (`copied`), or an encoded resident in its fixed slot; decoded ahead, the compute buffer
+    it has been dequantised into (None until that is enqueued)."""
 
     layer: int
     slot: Slot
@@ -178,11 +180,11 @@ class OffloadEngine:
         self._encoder_placement: _Placement | None = None  # set while a prompt is being encoded
         self._ring: SlotRing | None = None
         self._copy_stream: torch.cuda.Stream | None = None
-        self._dequant_stream: torch.cuda.Stream | None = None  # staged streaming only
+        self._dequant_stream: torch.cuda.Stream | None = None  # staged layers decoded ahead only
         self._queue: deque[_Use] = deque()  # the coming uses of the ring, in order
         self._next_pos = 0  # position in `_cycle` of the next use
         self._next_slot = 0
-        self._next_compute = 0  # staged: the compute buffer the next layer is decoded into
+        self._next_compute = 0  # decoded ahead: the compute buffer the next layer is decoded into
         # The layers that run from the ring, in order: the streamed ones, and with encoded
         # residents every layer. `_copies_queued` of the uses in `_queue` are copies.
         self._cycle: list[int] = []
@@ -225,7 +227,7 @@ class OffloadEngine:
         use = self._queue[0]
         if index == self._cycle[0]:
             self._passes += 1
-        if self._ring.staged and use.compute is None:
+        if self._ring.decodes_ahead and use.compute is None:
             self._dequantise(use)
         if self.is_cuda:
             compute = torch.cuda.current_stream(self._device)
@@ -238,9 +240,8 @@ class OffloadEngine:
                 self._pending_wait.append((e0, e1))
             else:
                 compute.wait_event(ready)
-        if self._ring.staged and len(self._ring.computes) > 1 and len(self._queue) > 1 and self._queue[1].compute is None:
-            # The next layer dequantises into the other buffer while this one computes. (With
-            # one buffer it waits for decoder_layer: its "free" event is recorded after this layer.)
+        if self._ring.decodes_ahead and len(self._queue) > 1 and self._queue[1].compute is None:
+            # The next layer dequantises into the other buffer while this one computes.
             self._dequantise(self._queue[1])
         module = use.compute.module if use.compute is not None else use.slot.module
         module.self_attn.layer_idx = index
@@ -418,7 +419,7 @@ class OffloadEngine:
         )
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(self._device)
-            if self._ring.staged:
+            if self._ring.decodes_ahead:
                 self._dequant_stream = torch.cuda.Stream(self._device)
         self._resync(self._cycle[0])  # prime: the prompt pass's first streamed layers start copying now
 
@@ -537,7 +538,7 @@ class OffloadEngine:
             # An aborted pass may have left a layer computing without its "free" record:
             # order every buffer's reuse after all compute enqueued so far.
             compute = torch.cuda.current_stream(self._device)
-            for buffer in self._ring.computes if self._ring.staged else self._ring.slots:
+            for buffer in self._ring.computes if self._ring.decodes_ahead else self._ring.slots:
                 buffer.free.record(compute)
         self._next_pos = self._cycle.index(index)
         self._copies_queued = 0
@@ -587,7 +588,7 @@ class OffloadEngine:
         self._queue.append(_Use(layer, slot))
 
     def _dequantise(self, use: _Use) -> None:
-        """Staged: enqueue the decoding of `use`'s staging slot into the next compute buffer,
+        """Decoded ahead: enqueue the decoding of `use`'s staging slot into the next compute buffer,
         after its copy and after the compute stream is done with that buffer's last layer."""
         ring = self._ring
         index = self._next_compute
@@ -721,7 +722,10 @@ class OffloadEngine:
         return (
             sum(t.numel() * t.element_size() for t in fixed.values())
             + resident_layers * self._resident_layer_nbytes(plan)
-            + ring_nbytes(self.native.nbytes, staged, plan.ring_slots(self.num_layers), plan.compute_buffers, plan.encoded_residents)
+            + ring_nbytes(
+                self.native.nbytes, staged, plan.ring_slots(self.num_layers), plan.compute_buffers, plan.encoded_residents,
+                weight_buffer_nbytes(self.native, self.stream_layout),
+            )
         )
 
     @property

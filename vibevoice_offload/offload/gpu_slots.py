@@ -7,22 +7,30 @@ structure whose parameters are views into that buffer. Running streamed layer i 
 slab was copied into the slot, set `slot.module.self_attn.layer_idx = i` (the KV cache
 index), call the module.
 
-For staged streaming (fp8, bf16-packed) a slot is only a staging buffer (the layer's
-encoded slab bytes): the H2D copy lands there, and the weights are decoded on the GPU
-(`dequant.py`), on a stream of their own, into one of the plan's `compute_buffers`
-model-dtype compute buffers. With two the next layer's decoding is queued while the
-current one computes, so it can run as soon as its copy lands (on the H100 it then takes
-turns with the layers on the GPU rather than overlapping them: it is free only while the
-layers wait for the link); one saves a layer of VRAM and decodes each layer only after
-the previous one ran. A layer's decoding is a dozen kernels
-launched from Python; on CUDA each (compute buffer, staging slot) pair's is
-captured as a CUDA graph the second time it is used and replayed after that, one launch a
-layer. (On the H100 this did not move the 1.5B fp8 row it was meant for: that frame is
-bound by the ring's depth, not by the host.)
+For staged streaming (fp8, bf16-packed) a slot is a staging buffer (the layer's encoded
+slab bytes): the H2D copy lands there and the weights are decoded on the GPU
+(`dequant.py`) into model-dtype memory, in one of two ways (the plan's `compute_buffers`):
+
+- 2, decoded a layer ahead: two layer-sized compute buffers, each with its own layer
+  module, that the layers are decoded into in turn on a stream of their own, so the next
+  layer's decoding is queued while the current one computes and runs as soon as its copy
+  lands (on the H100 it then takes turns with the layers on the GPU rather than
+  overlapping them: it is free only while the layers wait for the link). A layer's
+  decoding is a dozen kernels launched from Python; on CUDA each (compute buffer, staging
+  slot) pair's is captured as a CUDA graph the second time it is used and replayed after
+  that, one launch a layer.
+- 1, decoded on use: the slot has a slot module like bf16's, whose biases and norms are
+  views into the staging buffer and whose `nn.Linear`s are `DecodedLinear`s: each decodes
+  its weight into ONE buffer the size of the layer's largest weight, shared by every slot,
+  on the compute stream right before its matmul. The same GPU work as decoding a whole
+  layer before it runs (the layer waits for its decoding either way), in a weight's VRAM
+  instead of a layer's: Large 136 MB instead of 466 MB, a packed layer more resident at
+  every budget. The decoding is part of the layer, so the decoder pass's CUDA graphs
+  replay it.
 
 Encoded residents (`OffloadPlan.encoded_residents`): a resident layer kept packed on the
-GPU is a "fixed" slot, filled once, never copied into again, and decoded into the compute
-buffers each pass like the staging slots.
+GPU is a "fixed" slot, filled once, never copied into again, and decoded like the staging
+slots.
 
 Nothing here allocates after construction.
 """
@@ -30,13 +38,15 @@ Nothing here allocates after construction.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..cuda_graphs import GraphPool
-from .dequant import DequantOp, dequant_ops, dequantise
+from .dequant import DequantOp, Fp8Op, PackedOp, dequant_op, dequant_ops, dequantise
 from .host_slabs import NATIVE, SlabLayout, point_layer
 
 def make_shell(template: nn.Module) -> nn.Module:
@@ -55,17 +65,60 @@ def _layer_module(template: nn.Module, native: SlabLayout, buffer: torch.Tensor)
     return module
 
 
+class DecodedLinear(nn.Module):
+    """An `nn.Linear` of a decoded-on-use slot module: `forward` first decodes the weight from
+    its staging slot into `weight` (a view of the ring's shared weight buffer), on the
+    current stream, so the decoding is ordered after the previous weight's matmul and
+    before this one's without an event."""
+
+    def __init__(self, decode: Fp8Op | PackedOp, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.decode = decode
+        self.weight = decode.dst  # a plain attribute: the module owns no parameter of its own
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dequantise([self.decode])
+        return F.linear(x, self.weight, self.bias)
+
+
+def weight_buffer_nbytes(native: SlabLayout, stream: SlabLayout) -> int:
+    """Bytes of the shared weight buffer of decoding on use: the layer's largest encoded
+    weight, in the model dtype."""
+    encoded = {e.name for e in stream.entries if e.role == "q"}
+    return max((e.nbytes for e in native.entries if e.name in encoded), default=0)
+
+
+def _decoding_module(template: nn.Module, native: SlabLayout, stream: SlabLayout, staging: torch.Tensor, weights: torch.Tensor) -> nn.Module:
+    """A layer module that runs from staging buffer `staging` (the `stream` layout): biases
+    and norms are views into it, each encoded weight's `nn.Linear` a `DecodedLinear` that
+    decodes into `weights`."""
+    module = make_shell(template)
+    point_layer(module, stream, staging)
+    decoded = native.by_name()
+    for entry in stream.entries:
+        if entry.role != "q":
+            continue
+        parent_name, _, child = entry.name.removesuffix(".weight").rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        out = dataclasses.replace(decoded[entry.name], offset=0).view(weights)
+        setattr(parent, child, DecodedLinear(dequant_op(stream, entry.name, out, staging), getattr(parent, child).bias))
+    return module
+
+
 @dataclass
 class Slot:
     """One ring slot: the device buffer a streamed layer's host slab is copied into."""
 
     index: int
     buffer: torch.Tensor  # flat uint8: NATIVE layout (bf16 streaming) or a staged format's layout
-    module: nn.Module | None  # bf16: the layer module running from `buffer`; staged: None
+    # The layer module running from `buffer`: bf16, and staged decoded on use; None when
+    # staged layers are decoded ahead (they run from a compute buffer's module).
+    module: nn.Module | None
     layer: int | None = None  # the layer whose copy was last issued into this slot
     copy_done: torch.cuda.Event | None = None  # recorded on the copy stream once the slot holds `layer`
-    # Recorded when the slot may be overwritten: bf16, on the compute stream after `layer`
-    # ran; staged, on the dequantisation stream after `layer` was decoded out of it.
+    # Recorded when the slot may be overwritten: on the compute stream after `layer` ran;
+    # decoded ahead, on the dequantisation stream after `layer` was decoded out of it.
     free: torch.cuda.Event | None = None
 
 
@@ -80,14 +133,21 @@ class ComputeBuffer:
     free: torch.cuda.Event | None = None  # recorded on the compute stream after the layer in `buffer` ran
 
 
-def ring_nbytes(native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int, decodes_residents: bool = False) -> int:
+def ring_nbytes(
+    native_bytes: int, staged_bytes: int | None, depth: int, compute_buffers: int, decodes_residents: bool = False,
+    weight_bytes: int = 0,
+) -> int:
     """Device bytes of a ring of `depth` slots: bf16 (`staged_bytes` None), `depth` layer-sized
-    slots; staged, `depth` staging slots of `staged_bytes` plus `compute_buffers` layer-sized
-    compute buffers, which encoded residents need even with nothing streamed (`depth` 0).
-    (The fixed slots of encoded residents are counted as resident layers, not here.)"""
+    slots; staged, `depth` staging slots of `staged_bytes` plus what the layers are decoded
+    into: with 2 `compute_buffers` two layer-sized buffers, with 1 the shared weight buffer
+    (`weight_bytes`, `weight_buffer_nbytes`); encoded residents need that even with nothing
+    streamed (`depth` 0). (The fixed slots of encoded residents are counted as resident
+    layers, not here.)"""
     if depth == 0 and not decodes_residents:
         return 0
-    return depth * native_bytes if staged_bytes is None else compute_buffers * native_bytes + depth * staged_bytes
+    if staged_bytes is None:
+        return depth * native_bytes
+    return (weight_bytes if compute_buffers == 1 else compute_buffers * native_bytes) + depth * staged_bytes
 
 
 class SlotRing:
@@ -96,11 +156,12 @@ class SlotRing:
     bf16 (NATIVE) streaming: each slot is a compute slot with its own slot module; the layer
     runs straight from the slot it was copied into.
 
-    Staged streaming: each slot is only a staging buffer (fp8: half a layer, bf16-packed:
-    three quarters), and the layers run from `compute_buffers` shared compute buffers that
-    the engine decodes into, in turn. A staging slot is free as soon as its layer is
-    decoded, so the copy stream never waits for compute: the ring runs `depth` layers ahead
-    for a fraction of a layer per slot.
+    Staged streaming: each slot is a staging buffer (fp8: half a layer, bf16-packed: three
+    quarters). With two `compute_buffers` the layers run from two shared compute buffers
+    that the engine decodes into, in turn (`decodes_ahead`), and a staging slot is free as
+    soon as its layer is decoded; with one each slot has a slot module that decodes its
+    weights on use into the shared `weight_buffer`, and is free once its layer ran, as
+    bf16's. Either way the ring runs `depth` layers ahead for a fraction of a layer per slot.
     """
 
     def __init__(
@@ -115,21 +176,27 @@ class SlotRing:
         self.staged = stream.format != NATIVE
         if fixed and not self.staged:
             raise ValueError("encoded residents need a staged stream layout")
+        self.computes: list[ComputeBuffer] = []
+        self.weight_buffer: torch.Tensor | None = None  # decoding on use: the weight being used
         if self.staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
             self.fixed = {layer: Slot(depth + k, buffer, None, layer) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
-            self.computes: list[ComputeBuffer] = []
-            for _ in range(compute_buffers):
-                buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
-                ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in (*self.slots, *self.fixed.values())]
-                self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
+            sources = (*self.slots, *self.fixed.values())
+            if compute_buffers == 1:
+                self.weight_buffer = torch.empty(weight_buffer_nbytes(native, stream), dtype=torch.uint8, device=device)
+                for slot in sources:
+                    slot.module = _decoding_module(template, native, stream, slot.buffer, self.weight_buffer)
+            else:
+                for _ in range(compute_buffers):
+                    buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
+                    ops = [dequant_ops(native, stream, buffer, slot.buffer) for slot in sources]
+                    self.computes.append(ComputeBuffer(buffer, _layer_module(template, native, buffer), ops))
         else:
             self.slots = []
             self.fixed = {}
             for i in range(depth):
                 buffer = torch.empty(native.nbytes, dtype=torch.uint8, device=device)
                 self.slots.append(Slot(i, buffer, _layer_module(template, native, buffer)))
-            self.computes = []
         if device.type == "cuda":
             for slot in (*self.slots, *self.fixed.values()):
                 slot.copy_done, slot.free = torch.cuda.Event(), torch.cuda.Event()
@@ -137,7 +204,7 @@ class SlotRing:
                 slot.copy_done.record()
             for compute in self.computes:
                 compute.ready, compute.free = torch.cuda.Event(), torch.cuda.Event()
-        self._graphs = GraphPool(device) if self.staged and device.type == "cuda" else None
+        self._graphs = GraphPool(device) if self.decodes_ahead and device.type == "cuda" else None
         self._capture = self._graphs is not None
         self._dequant_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._dequantised: set[tuple[int, int]] = set()
@@ -147,9 +214,16 @@ class SlotRing:
         return len(self.slots)
 
     @property
+    def decodes_ahead(self) -> bool:
+        """Staged layers are decoded into the compute buffers before they run (two
+        `compute_buffers`), not by their slot module as they run."""
+        return bool(self.computes)
+
+    @property
     def nbytes(self) -> int:
         """The ring's own buffers: the fixed slots belong to the resident layers."""
-        return sum(s.buffer.numel() for s in self.slots) + sum(c.buffer.numel() for c in self.computes)
+        weights = self.weight_buffer.numel() if self.weight_buffer is not None else 0
+        return sum(s.buffer.numel() for s in self.slots) + sum(c.buffer.numel() for c in self.computes) + weights
 
     def dequantise(self, compute: int, slot: Slot) -> None:
         """Enqueue on the current stream the dequantisation of staging slot `slot` into compute
@@ -178,3 +252,4 @@ class SlotRing:
         self.slots.clear()
         self.fixed.clear()
         self.computes.clear()
+        self.weight_buffer = None

@@ -187,10 +187,12 @@ def _get_tensor(layer: nn.Module, name: str) -> torch.Tensor:
 
 
 def point_layer(layer: nn.Module, layout: SlabLayout, flat: torch.Tensor) -> None:
-    """Make `layer`'s tensors views into `flat` (a buffer laid out as `layout`, NATIVE format)."""
-    assert layout.format == NATIVE
+    """Make `layer`'s tensors views into `flat` (a buffer laid out as `layout`): all of them
+    for NATIVE; for a staged format the ones stored as they are used (biases, norms), its
+    encoded weights being decoded elsewhere."""
     for entry in layout.entries:
-        _set_tensor(layer, entry, entry.view(flat))
+        if entry.role == "raw":
+            _set_tensor(layer, entry, entry.view(flat))
 
 
 def release_layer(layer: nn.Module, native: SlabLayout) -> None:
@@ -263,10 +265,9 @@ def pack_layer(layer: nn.Module, layout: SlabLayout, pinned: bool) -> HostLayer:
         else:
             entry.view(slab).copy_(source.detach())
     host = HostLayer(slab, layout, is_pinned)
+    point_layer(layer, layout, slab)
     for entry in layout.entries:
-        if entry.role == "raw":
-            _set_tensor(layer, entry, entry.view(slab))
-        elif entry.role == "q":
+        if entry.role == "q":
             _set_tensor(layer, entry, torch.empty(entry.shape, dtype=_orig_dtype(layer, entry), device="meta"))
     return host
 
