@@ -25,8 +25,9 @@
 #   repeat   SIZE BUDGET DTYPE [METHOD...] (default ours): those cases three times in turns;
 #            Large 6 bf16-packed ours diffusers, 1.5B 4 bf16 ours
 #   hostram-trimmed  this project, both sizes, 60 frames, the heap trimmed before each baseline
+#   gpu-1.5B  GPU tests; if they pass, 1.5B, this project and every peer, into a new JSON under $OUT/1.5B
 set -uo pipefail
-phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B | rerun-large | rerun-large-peers | repeat | hostram-trimmed}
+phase=${1:?phase: tests | verify | small | large | peers | planner | hostram | encoded | encoded-large | decode | rerun-1.5B | rerun-large | rerun-large-peers | repeat | hostram-trimmed | gpu-1.5B}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 VIBEVOICE_COMFYUI_DIR="$PWD/.cache/comfyui"
 OUT=${OUT:-/tmp/gpu-session}
@@ -106,6 +107,13 @@ case $phase in
   hostram-trimmed)  # this project, both sizes, 60 frames: host RAM with glibc's heap trimmed before each baseline
     timeout 560 python3 bench/offload_bench.py --models 1.5B Large --methods ours --frames 60 --out "$OUT/hostram" \
       2>&1 | tee "$OUT/bench-host-ram-trimmed.log"
+    ;;
+  gpu-1.5B)  # after a change to the engine: its GPU tests, then every 1.5B row
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    cp test-artifacts/gpu-*.json "$OUT/" 2>/dev/null
+    grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
+    timeout 330 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 --out "$OUT/1.5B" \
+      2>&1 | tee "$OUT/bench-1.5B.log"
     ;;
   hostram)
     timeout 150 python3 bench/offload_bench.py --models 1.5B --methods ours --dtypes bf16 2>&1 | tee "$OUT/bench-1.5B-host-ram.log"

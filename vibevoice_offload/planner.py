@@ -1002,15 +1002,15 @@ class ResidentFrame:
 
 RESIDENT_FRAME = {
     "Large": ResidentFrame(
-        22.3, 9.4, True,
+        22.4, 9.4, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), this project's frame loop (both halves of the frame replayed from "
-        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.35 and 22.61 ms; "
+        "CUDA graphs), 10 steps, cfg 1.3, median of 150 frames, the faster of two runs (22.40 and 22.58 ms; "
         "other runs that day on other H100s: 21.9-22.8); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
     "1.5B": ResidentFrame(
-        14.0, 5.0, True,
+        14.5, 5.0, True,
         "NVIDIA H100 80GB HBM3 (PCIe 5), the same method as Large's, the faster of two runs "
-        "(14.04 and 14.17 ms; other runs that day on other H100s: 13.5-14.1); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
+        "(14.54 and 14.57 ms; other runs that day on other H100s: 13.5-14.2); bench/results/NVIDIA-H100-80GB-HBM3-20261127.json",
     ),
 }
 """T_resident per released size. With the frame replayed from CUDA graphs the GPU, not the
