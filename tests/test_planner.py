@@ -280,7 +280,7 @@ def _ring_shapes(config, budget: int, stream_dtype: str) -> list[OffloadPlan]:
 def test_auto_chooses_the_fastest_ring_that_fits(large, budget_gb, stream_dtype, link_gbps):
     """auto's plan is one of the brute-forced ring shapes, fits, and no shape is predicted
     more than AUTO_DEPTH_GAIN faster; within one compute-buffer count a deeper ring never
-    holds more resident layers, one compute buffer never fewer than two, and encoded
+    holds more resident layers, decoding on use never fewer than two compute buffers, and encoded
     residents never fewer than decoded ones."""
     budget = int(budget_gb * GB)
     plan = plan_auto(large, budget, stream_dtype=stream_dtype, workload=WORK, link_gbps=link_gbps, frame_extension=False)

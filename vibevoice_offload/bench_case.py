@@ -503,7 +503,7 @@ def describe(row: dict[str, Any]) -> str:
     if row["streamed_layers"]:
         plan += f", {row['stream_dtype']}, depth {row['prefetch_depth']}"
         if row.get("compute_buffers") == 1:
-            plan += ", one compute buffer"
+            plan += ", decoded on use"
     if row.get("encoded_residents"):
         plan += ", residents kept packed"
     if row.get("frame_layers") or row.get("frame_slots"):
