@@ -9,7 +9,7 @@ and visible range are device tensors, so a step has the same shapes and addresse
 frame, and on CUDA each layer's step is captured as a CUDA graph and replayed.
 A resident Large frame launched ~1,400 kernels in this half from Python: the host, not
 the GPU, bounded it. The graphs live for one run and are keyed by layer and by the module
-that runs it: a streamed layer runs from whichever slot (or fp8 compute buffer) the
+that runs it: a streamed layer runs from whichever slot (or staged compute buffer) the
 offloader filled, each with its own weight addresses, so it is captured once per slot it
 lands in. A layer with forward hooks (a patch, an adapter) runs eagerly: a replay would
 skip them. The offloader orders copies around `decoder_layer` /
