@@ -173,12 +173,12 @@ class SlotRing:
         fixed = fixed or {}
         if depth < 1 and not fixed:
             raise ValueError("a slot ring needs at least one slot")
-        self.staged = stream.format != NATIVE
-        if fixed and not self.staged:
+        staged = stream.format != NATIVE
+        if fixed and not staged:
             raise ValueError("encoded residents need a staged stream layout")
         self.computes: list[ComputeBuffer] = []
         self.weight_buffer: torch.Tensor | None = None  # decoding on use: the weight being used
-        if self.staged:
+        if staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
             self.fixed = {layer: Slot(depth + k, buffer, None, layer) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
             sources = (*self.slots, *self.fixed.values())
