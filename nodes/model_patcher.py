@@ -53,6 +53,7 @@ log = logging.getLogger("VibeVoiceOffload")
 
 MODES = ("auto", "preset", "manual")
 LOAD_DTYPES = ("bf16", "fp16", "fp32", "fp8")
+NODE_COMPUTE_BUFFERS = 1  # staged layers decoded on use (`OffloadPlan.compute_buffers`, `node_plan`)
 UNLIMITED = 1e30  # ComfyUI passes 1e32 extra memory for "load it all" (CPU, --highvram)
 
 
@@ -98,12 +99,17 @@ class OffloadSettings:
 def node_plan(
     resident_layers: int, stream_dtype: str, prefetch_depth: int, pinned: bool, encoded_residents: bool | None = None,
 ) -> OffloadPlan:
-    """The plan the node's engine runs for these settings. bf16-packed keeps its resident
-    layers packed too (ComfyUI's grant holds a third more of them, for the same bits) unless
-    `encoded_residents` is False: where the grant holds every layer decoded, the patcher
-    keeps them so (`VibeVoicePatcher._residencies`)."""
+    """The plan the node's engine runs for these settings. A staged stream dtype is decoded
+    on use: one weight-sized buffer instead of two layers (Large: 0.80 GB more of ComfyUI's
+    grant for resident layers), the choice `plan_auto` made at every benchmarked budget.
+    bf16-packed keeps its resident layers packed too (ComfyUI's grant holds a third more of
+    them, for the same bits) unless `encoded_residents` is False: where the grant holds
+    every layer decoded, the patcher keeps them so (`VibeVoicePatcher._residencies`)."""
     encoded = planner.encoded_residents_for(stream_dtype) if encoded_residents is None else encoded_residents
-    return OffloadPlan(int(resident_layers), stream_dtype, int(prefetch_depth), pinned, encoded_residents=encoded)
+    return OffloadPlan(
+        int(resident_layers), stream_dtype, int(prefetch_depth), pinned, compute_buffers=NODE_COMPUTE_BUFFERS,
+        encoded_residents=encoded,
+    )
 
 
 def pinning_allowed(device: torch.device) -> bool:

@@ -131,7 +131,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     import torch
 
     from ..vibevoice_offload import planner
-    from .model_patcher import MODES, STREAM_DTYPES, node_plan
+    from .model_patcher import MODES, NODE_COMPUTE_BUFFERS, STREAM_DTYPES, node_plan
 
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -167,12 +167,12 @@ def compute_plan(body: dict) -> dict[str, Any]:
     n = config.text_config.num_hidden_layers
     total, free = _device_memory()
     budget = None if free is None else int(free * (utilisation if mode == "auto" else 1.0))
-    kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
+    # the node's engine decodes staged layers as `node_plan` says: plans and checks price that ring
+    kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload, compute_buffers=NODE_COMPUTE_BUFFERS)
     link, link_source = _link_gbps()
-    # plan_auto rates plans by speed: it must never measure the link from here. The node's
-    # engine keeps two compute buffers for a staged stream dtype, and its residents as
-    # `node_plan` does (its residency follows ComfyUI's grant).
-    auto_kw = dict(kw, link_gbps=link, compute_buffers=2, encoded_residents=planner.encoded_residents_for(stream_dtype))
+    # plan_auto rates plans by speed: it must never measure the link from here. Its
+    # residents are kept as `node_plan` keeps them (the residency follows ComfyUI's grant).
+    auto_kw = dict(kw, link_gbps=link, encoded_residents=planner.encoded_residents_for(stream_dtype))
 
     error = None
     if mode == "auto":
