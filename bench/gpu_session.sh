@@ -54,7 +54,7 @@ case $phase in
     ;;
   small)
     timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log"
-    cp test-artifacts/gpu-vram-eviction.json "$OUT/" 2>/dev/null
+    cp test-artifacts/gpu-vram-eviction-*.json "$OUT/" 2>/dev/null
     timeout 100 python3 bench/dequant_kernels.py --size Large --out "$OUT" 2>&1 | tail -3
     grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/gpu-tests.log" || exit 1
     timeout 300 python3 bench/offload_bench.py --models 1.5B --all-slow --peer-frames 20 --slow-frames 5 \

@@ -400,7 +400,8 @@ def test_patcher_counters_equal_the_engines_resident_bytes(pack, model_dirs):
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
 def test_weight_estimate_is_the_engines_count(pack, model_dirs, stream_dtype):
     """The bytes the patcher expects for n resident layers, before and after loading, are
-    exactly what the engine then holds (ring of bf16 slots, or staging slots + compute buffers)."""
+    exactly what the engine then holds (ring of bf16 slots, or staging slots and, decoded on
+    use, one weight-sized buffer: less than a decoded layer)."""
     import torch
 
     patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
@@ -410,6 +411,33 @@ def test_weight_estimate_is_the_engines_count(pack, model_dirs, stream_dtype):
         expected = patcher.weight_bytes(n)
         patcher._place(n)
         assert before_load[n] == expected == patcher.engine.resident_bytes == patcher.loaded_size(), n
+    engine = patcher.engine
+    if stream_dtype == "bf16":
+        assert engine.slot_bytes == 3 * engine.native.nbytes
+    else:
+        staging = 3 * engine.stream_layout.nbytes
+        assert staging < engine.slot_bytes < staging + engine.native.nbytes
+
+
+def test_plan_route_prices_the_ring_the_node_runs(pack, monkeypatch):
+    """On a GPU the plan route checks a preset against the free VRAM with the node's ring
+    (staged layers decoded on use): Large's balanced fp8 preset in a budget that holds it
+    only that way is not refused, and the route's estimate is that plan's."""
+    import torch
+
+    routes = importlib.import_module(f"{PACK}.nodes.routes")
+    planner = importlib.import_module(f"{PACK}.vibevoice_offload.planner")
+    config = planner.load_size_config("Large")
+    body = {"size": "Large", "mode": "preset", "preset": "balanced", "stream_dtype": "fp8", "minutes": 5}
+    workload = planner.Workload.for_minutes(5)
+    node = planner.estimate_for_workload(config, pack.mp.node_plan(9, "fp8", 2, True), torch.bfloat16, workload).total_vram
+    ahead = planner.plan_preset(config, "balanced", stream_dtype="fp8", compute_buffers=2)
+    assert planner.estimate_for_workload(config, ahead, torch.bfloat16, workload).total_vram > node + 2**29
+    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, node + 2**28))
+    out = routes.compute_plan(body)
+    assert out["error"] is None and out["resident_layers"] == 9 and out["estimated_vram_bytes"] == node
+    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, node - 2**28))
+    assert "fewer layers resident" in routes.compute_plan(body)["error"]
 
 
 def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypatch):
@@ -692,11 +720,13 @@ def _vram_report(name: str, rows: dict) -> None:
 
 
 @pytest.mark.gpu
-def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy, tmp_path):
+@pytest.mark.parametrize("stream_dtype", ["bf16", "bf16-packed"])
+def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy, tmp_path, stream_dtype):
     """On a CUDA device, with ComfyUI's real free-memory readings: the counters equal the
     VRAM the engine really holds (torch.cuda.memory_allocated deltas), another model's
     load makes ours give up resident layers, a cancel returns VRAM to its pre-run level,
-    and the next run reclaims the layers."""
+    and the next run reclaims the layers. bf16-packed: evicted, the layers left resident
+    are packed and the streamed ones decoded on use, and the audio is still bf16's."""
     import torch
 
     mm = comfy.mm
@@ -723,7 +753,7 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
         (model_dir / name).rename(tmp_path / "tokenizer" / name)
     vv = pk.pipeline.VibeVoice.load(model_dir, dtype="bf16")
     patcher = pk.mp.VibeVoicePatcher(vv, device, torch.device("cpu"), key=(str(model_dir), "bf16"))
-    auto = pk.mp.OffloadSettings(target_utilisation=1.0)
+    auto = pk.mp.OffloadSettings(target_utilisation=1.0, stream_dtype=stream_dtype)
     g = torch.Generator().manual_seed(1)
     voices = {1: (torch.randn(1, 1, 40, generator=g) * 0.1, 24000), 2: (torch.randn(1, 2, 30, generator=g) * 0.1, 16000)}
     short = pk.frame_loop.GenerationSettings(steps=2, seed=1, max_frames=8)
@@ -778,17 +808,23 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     }
     assert other.loaded_size() == other.model_size()
     assert 0 < patcher.resident_layers() < 8
-    # buffers: the layers given up, the ring's slots, the other model's weight
-    assert close(allocated() - before_other, other.model_size() - given_up, buffers=8 - patcher.resident_layers() + 2 + 1)
+    # buffers allocated or freed: the layers given up (bf16-packed: all 8 decoded ones, and
+    # the resident ones again, packed), the ring's 2 slots (bf16-packed: and its weight
+    # buffer), the other model's weight
+    kept = patcher.resident_layers()
+    buffers = 8 - kept + 2 + 1 if stream_dtype == "bf16" else 8 + kept + 2 + 1 + 1
+    assert close(allocated() - before_other, other.model_size() - given_up, buffers=buffers)
     # both fit in what was there: ours + the other <= ours before + the 1.5 layers left free
     assert patcher.loaded_size() + other.model_size() <= loaded + 1.5 * layer
 
     # 4. a run while evicted streams the missing layers; the next run after ComfyUI drops
     #    the other model reclaims them (the ballast stays: they fit again without it)
-    streamed, stats = patcher.generate(pk.mp.OffloadSettings(mode="manual", resident_layers=patcher.resident_layers()), SCRIPT, voices, short)
+    evicted = pk.mp.OffloadSettings(mode="manual", resident_layers=patcher.resident_layers(), stream_dtype=stream_dtype)
+    streamed, stats = patcher.generate(evicted, SCRIPT, voices, short)
     assert stats["engine"]["offload_streamed_layers"] > 0 and stats["engine"]["offload_pinned"]
+    assert stats["engine"]["offload_encoded_residents"] == (stream_dtype == "bf16-packed")
     rows["streamed_run"] = {k: v for k, v in stats["engine"].items() if isinstance(v, (int, float))}
-    assert torch.equal(streamed.waveform, result.waveform)  # bf16 streaming: the same audio
+    assert torch.equal(streamed.waveform, result.waveform)  # bf16 or bf16-packed streaming: the same audio
     result2, stats = patcher.generate(auto, SCRIPT, voices, short)
     torch.cuda.synchronize()
     rows["reclaimed"] = {"ours_counter": patcher.loaded_size(), "resident_layers": patcher.resident_layers(), "other_loaded": other.loaded_size()}
@@ -805,4 +841,4 @@ def test_real_vram_follows_comfyui_eviction_cancel_and_reclaim(pack_core, comfy,
     rows["unload_all"] = {"freed": before_free - allocated(), "counter_before": loaded, "counter_after": patcher.loaded_size()}
     assert patcher.loaded_size() == 0
     assert close(before_free - allocated(), loaded, buffers=8)
-    _vram_report("gpu-vram-eviction", rows)
+    _vram_report(f"gpu-vram-eviction-{stream_dtype}", rows)
