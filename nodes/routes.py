@@ -131,7 +131,7 @@ def compute_plan(body: dict) -> dict[str, Any]:
     import torch
 
     from ..vibevoice_offload import planner
-    from .model_patcher import MODES, NODE_COMPUTE_BUFFERS, STREAM_DTYPES, node_plan
+    from .model_patcher import MODES, STREAM_DTYPES, compute_buffers_for, node_plan
 
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -167,34 +167,37 @@ def compute_plan(body: dict) -> dict[str, Any]:
     n = config.text_config.num_hidden_layers
     total, free = _device_memory()
     budget = None if free is None else int(free * (utilisation if mode == "auto" else 1.0))
-    # the node's engine decodes staged layers as `node_plan` says: plans and checks price that ring
-    kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload, compute_buffers=NODE_COMPUTE_BUFFERS)
+    kw = dict(stream_dtype=stream_dtype, prefetch_depth=depth, pinned=pinned, dtype=dtype, workload=workload)
     link, link_source = _link_gbps()
-    # plan_auto rates plans by speed: it must never measure the link from here. Its
-    # residents are kept as `node_plan` keeps them (the residency follows ComfyUI's grant).
-    auto_kw = dict(kw, link_gbps=link, encoded_residents=planner.encoded_residents_for(stream_dtype))
+    # plan_auto rates plans by speed: it must never measure the link from here. It plans
+    # the node's engine in auto (`node_plan`): staged layers decoded on use, residents kept
+    # as the node keeps them (its residency follows ComfyUI's grant). Presets and manual
+    # counts decode a layer ahead, as the planner's own presets do.
+    auto_kw = dict(
+        kw, link_gbps=link, compute_buffers=compute_buffers_for("auto"), encoded_residents=planner.encoded_residents_for(stream_dtype),
+    )
 
     error = None
     if mode == "auto":
         if budget is None:  # ComfyUI on the CPU grants everything: every layer stays on the device, decoded
-            plan = node_plan(n, stream_dtype, depth, pinned, encoded_residents=False)
+            plan = node_plan(mode, n, stream_dtype, depth, pinned, encoded_residents=False)
         else:
             try:
                 # as the patcher chooses (`VibeVoicePatcher._residencies`): every layer
                 # decoded where that fits, else auto with the node's residents
-                full = node_plan(n, stream_dtype, depth, pinned, encoded_residents=False)
+                full = node_plan(mode, n, stream_dtype, depth, pinned, encoded_residents=False)
                 if planner.encoded_residents_for(stream_dtype) and planner.estimate_for_workload(config, full, dtype, workload).total_vram <= budget:
                     plan = full
                 else:
                     plan = planner.plan_auto(config, budget, **auto_kw)
             except planner.PlanError as exc:
-                error, plan = str(exc), node_plan(0, stream_dtype, depth, pinned)
+                error, plan = str(exc), node_plan(mode, 0, stream_dtype, depth, pinned)
     else:
         wanted = planner.preset_resident_layers(preset, n) if mode == "preset" else min(resident, n)
         if mode == "manual" and resident > n:
             out["note"] = f"the model has {n} decoder layers: all {n} stay resident"
         # every layer wanted: the patcher tries them decoded first (`VibeVoicePatcher._residencies`)
-        plan = node_plan(wanted, stream_dtype, depth, pinned, encoded_residents=False if wanted == n else None)
+        plan = node_plan(mode, wanted, stream_dtype, depth, pinned, encoded_residents=False if wanted == n else None)
         if budget is not None:
             try:
                 if mode == "preset":

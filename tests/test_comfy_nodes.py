@@ -400,44 +400,49 @@ def test_patcher_counters_equal_the_engines_resident_bytes(pack, model_dirs):
 @pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
 def test_weight_estimate_is_the_engines_count(pack, model_dirs, stream_dtype):
     """The bytes the patcher expects for n resident layers, before and after loading, are
-    exactly what the engine then holds (ring of bf16 slots, or staging slots and, decoded on
-    use, one weight-sized buffer: less than a decoded layer)."""
+    exactly what the engine then holds: a ring of bf16 slots, or staging slots and, in auto
+    (decoded on use), one weight-sized buffer, in manual (decoded ahead) two decoded layers."""
     import torch
 
     patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"), dtype="bf16")
-    patcher.configure(settings(pack, mode="manual", resident_layers=8, stream_dtype=stream_dtype, prefetch_depth=3))
-    before_load = [patcher.weight_bytes(n) for n in range(9)]
-    for n in range(8, -1, -1):
-        expected = patcher.weight_bytes(n)
-        patcher._place(n)
-        assert before_load[n] == expected == patcher.engine.resident_bytes == patcher.loaded_size(), n
-    engine = patcher.engine
-    if stream_dtype == "bf16":
-        assert engine.slot_bytes == 3 * engine.native.nbytes
-    else:
+    for mode in ("manual", "auto"):
+        patcher.configure(settings(pack, mode=mode, resident_layers=8, stream_dtype=stream_dtype, prefetch_depth=3))
+        before_load = [patcher.weight_bytes(n) for n in range(9)]
+        for n in range(8, -1, -1):
+            expected = patcher.weight_bytes(n)
+            patcher._place(n)
+            assert before_load[n] == expected == patcher.engine.resident_bytes == patcher.loaded_size(), (mode, n)
+        engine = patcher.engine
         staging = 3 * engine.stream_layout.nbytes
-        assert staging < engine.slot_bytes < staging + engine.native.nbytes
+        if stream_dtype == "bf16":
+            assert engine.slot_bytes == staging
+        elif mode == "manual":
+            assert engine.slot_bytes == staging + 2 * engine.native.nbytes
+        else:
+            assert staging < engine.slot_bytes < staging + engine.native.nbytes
 
 
 def test_plan_route_prices_the_ring_the_node_runs(pack, monkeypatch):
-    """On a GPU the plan route checks a preset against the free VRAM with the node's ring
-    (staged layers decoded on use): Large's balanced fp8 preset in a budget that holds it
-    only that way is not refused, and the route's estimate is that plan's."""
+    """On a GPU the plan route plans the node's engine: auto decodes staged layers on use
+    (Large fp8 in 8 GB, where two compute buffers are refused), a preset a layer ahead (the
+    planner's own preset plan, to the byte)."""
     import torch
 
     routes = importlib.import_module(f"{PACK}.nodes.routes")
     planner = importlib.import_module(f"{PACK}.vibevoice_offload.planner")
     config = planner.load_size_config("Large")
-    body = {"size": "Large", "mode": "preset", "preset": "balanced", "stream_dtype": "fp8", "minutes": 5}
     workload = planner.Workload.for_minutes(5)
-    node = planner.estimate_for_workload(config, pack.mp.node_plan(9, "fp8", 2, True), torch.bfloat16, workload).total_vram
-    ahead = planner.plan_preset(config, "balanced", stream_dtype="fp8", compute_buffers=2)
-    assert planner.estimate_for_workload(config, ahead, torch.bfloat16, workload).total_vram > node + 2**29
-    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, node + 2**28))
-    out = routes.compute_plan(body)
-    assert out["error"] is None and out["resident_layers"] == 9 and out["estimated_vram_bytes"] == node
-    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, node - 2**28))
-    assert "fewer layers resident" in routes.compute_plan(body)["error"]
+    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, 8 * 10**9))
+    auto = routes.compute_plan({"size": "Large", "mode": "auto", "stream_dtype": "fp8", "minutes": 5, "target_utilisation": 1.0})
+    assert auto["error"] is None and auto["streamed_layers"] > 0 and auto["estimated_vram_bytes"] <= 8 * 10**9
+    with pytest.raises(planner.PlanError):
+        planner.plan_auto(config, 8 * 10**9, stream_dtype="fp8", prefetch_depth=2, workload=workload, link_gbps=32.0, compute_buffers=2)
+
+    monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, 16 * 10**9))
+    preset = routes.compute_plan({"size": "Large", "mode": "preset", "preset": "balanced", "stream_dtype": "fp8", "minutes": 5})
+    ahead = planner.plan_preset(config, "balanced", stream_dtype="fp8")
+    assert ahead.compute_buffers == 2 and preset["error"] is None
+    assert preset["estimated_vram_bytes"] == int(planner.estimate_for_workload(config, ahead, torch.bfloat16, workload).total_vram)
 
 
 def test_budget_holds_even_when_the_estimate_is_wrong(pack, model_dirs, monkeypatch):

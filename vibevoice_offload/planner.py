@@ -946,15 +946,11 @@ def plan_preset(
     embed_on_host: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
-    compute_buffers: int = 2,
 ) -> OffloadPlan:
     """The preset's share of layers resident (`encoded_residents_for` the stream dtype); with a
     budget, refuses a preset that does not fit."""
     resident = preset_resident_layers(name, config.text_config.num_hidden_layers)
-    plan = OffloadPlan(
-        resident, stream_dtype, prefetch_depth, pinned, embed_on_host, compute_buffers=compute_buffers,
-        encoded_residents=encoded_residents_for(stream_dtype),
-    )
+    plan = OffloadPlan(resident, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded_residents_for(stream_dtype))
     return _checked(config, plan, budget_bytes, dtype, workload, f"preset {name!r} ({resident} resident layers)")
 
 
@@ -969,7 +965,6 @@ def plan_manual(
     embed_on_host: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     workload: Workload = DEFAULT_WORKLOAD,
-    compute_buffers: int = 2,
 ) -> OffloadPlan:
     """Exactly the plan asked for (`encoded_residents_for` the stream dtype); refused if
     impossible, or (with a budget) if it does not fit. Every layer resident with bf16-packed:
@@ -977,13 +972,11 @@ def plan_manual(
     per layer and pass), else packed."""
     what = f"{resident_layers} resident layers"
     encoded = encoded_residents_for(stream_dtype)
-    plan = OffloadPlan(
-        resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, compute_buffers=compute_buffers, encoded_residents=encoded,
-    )
     if encoded and resident_layers == config.text_config.num_hidden_layers:
-        decoded = dataclasses.replace(plan, encoded_residents=False)
+        decoded = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=False)
         if budget_bytes is None or estimate_for_workload(config, decoded, dtype, workload).total_vram <= budget_bytes:
             return _checked(config, decoded, budget_bytes, dtype, workload, what)
+    plan = OffloadPlan(resident_layers, stream_dtype, prefetch_depth, pinned, embed_on_host, encoded_residents=encoded)
     return _checked(config, plan, budget_bytes, dtype, workload, what)
 
 
