@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -93,6 +93,20 @@ class OffloadSettings:
         what = {"auto": "auto", "preset": f"preset {self.preset}", "manual": f"manual, {self.resident_layers} resident layers"}[self.mode]
         pinned = self.pinned if pinned is None else pinned
         return f"{what}, stream {self.stream_dtype}, prefetch {self.prefetch_depth}, {'pinned' if pinned else 'pageable'} host memory"
+
+
+class EngineSignature(NamedTuple):
+    """The settings an engine was built for: the host slabs' (stream dtype, pinning), which
+    only a new engine can change, and the ring's, which `OffloadEngine.set_plan` can."""
+
+    stream_dtype: str
+    pinned: bool
+    prefetch_depth: int
+    compute_buffers: int
+
+    @property
+    def host(self) -> tuple[str, bool]:
+        return self.stream_dtype, self.pinned
 
 
 def compute_buffers_for(mode: str) -> int:
@@ -168,7 +182,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         self.name = Path(key[0]).name
         self.num_layers = int(vibevoice.checkpoint.config.text_config.num_hidden_layers)
         self.engine = None
-        self.engine_signature: tuple | None = None
+        self.engine_signature: EngineSignature | None = None
         self.settings = OffloadSettings()
         self.last_budget: float | None = None  # weight budget of the last load, bytes (None: unlimited)
         self.lock = threading.RLock()
@@ -195,9 +209,9 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         for n in range(wanted, -1, -1):
             yield n, packed
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> EngineSignature:
         plan = self._plan(0)
-        return (plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.compute_buffers)
+        return EngineSignature(plan.stream_dtype, plan.pinned, plan.prefetch_depth, plan.compute_buffers)
 
     def resident_layers(self) -> int:
         if self.engine is None:
@@ -257,7 +271,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
             if self.engine is None or self.engine_signature == self._signature():
                 return
             old, new = self.engine_signature, self._signature()
-            if old[0] == new[0] and old[2] == new[2] and hasattr(self.engine, "set_plan"):
+            if old.host == new.host and hasattr(self.engine, "set_plan"):
                 # Only the ring changed: keep the host slabs, rebuild the ring on the next load.
                 self._unload()
                 self.engine.set_plan(self._plan(self.resident_layers(), self.engine.plan.encoded_residents))
@@ -265,7 +279,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
                 return
             log.info("VibeVoice: offload settings changed (%s): rebuilding the offload engine", settings.describe())
             self._close_engine()
-            if old[0] == "fp8" and new[0] != "fp8" and not self.vibevoice.checkpoint.fp8_layers:
+            if old.stream_dtype == "fp8" and new.stream_dtype != "fp8" and not self.vibevoice.checkpoint.fp8_layers:
                 self._reload_weights()
 
     def _reload_weights(self) -> None:
