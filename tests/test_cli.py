@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,15 +41,31 @@ def test_generate_from_wav_files(tmp_path, tiny_model_dir):
     assert "frame 6/6" in run.stderr  # the progress bar
 
 
-def test_errors_are_one_clear_line(tmp_path, tiny_model_dir):
-    (tmp_path / "script.txt").write_text("Speaker 1: Hi.\n")
-    run = cli("generate", "--model", str(tmp_path / "missing"), "--script", str(tmp_path / "script.txt"),
-              "--voice", "1=x.wav", "--out", str(tmp_path / "o.wav"))
-    assert run.returncode == 2 and "x.wav: cannot read audio" in run.stderr
-    soundfile.write(tmp_path / "a.wav", np.zeros(4000), 24000)
-    run = cli("generate", "--model", str(tiny_model_dir), "--script", str(tmp_path / "script.txt"),
-              "--voice", f"1={tmp_path / 'a.wav'}", "--out", str(tmp_path / "o.wav"))
-    assert run.returncode == 2 and "error: voice clip for speaker 1 is silent" in run.stderr
+@pytest.mark.parametrize("bad", ["model folder", "script", "voice file", "silent voice"])
+def test_each_bad_input_is_one_line_naming_it(tmp_path, tiny_model_dir, bad):
+    """One bad input per call, the others valid: the error is one line that names the bad
+    path and what is wrong with it, and comes before the model is loaded where it can."""
+    script, voice = tmp_path / "script.txt", tmp_path / "a.wav"
+    script.write_text("Speaker 1: Hi.\n")
+    soundfile.write(voice, 0.1 * np.random.default_rng(0).standard_normal(4000), 24000)
+    model = tiny_model_dir
+    if bad == "model folder":
+        model = tmp_path / "missing"
+        expected = f"{model}: model folder does not exist"
+    elif bad == "script":
+        script = tmp_path / "no-script.txt"
+        expected = f"{script}: cannot read the script (No such file or directory)"
+    elif bad == "voice file":
+        voice = tmp_path / "x.wav"
+        expected = f"{voice}: cannot read audio ("
+    else:
+        soundfile.write(voice, np.zeros(4000), 24000)
+        expected = "voice clip for speaker 1 is silent"
+    run = cli("generate", "--model", str(model), "--script", str(script), "--voice", f"1={voice}",
+              "--out", str(tmp_path / "o.wav"), "--dtype", "fp32", "--device", "cpu")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(f"error: {expected}") and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "o.wav").exists()
 
 
 def test_table_lists_auto_and_every_preset():

@@ -1,10 +1,14 @@
 """The pack loads into a real ComfyUI 0.3.75 without import errors."""
 
 import re
+import uuid
+from pathlib import Path
 
 import pytest
 
 from comfy_server import PACK_FOLDER_NAME
+
+RELEASED_CONFIGS = Path(__file__).resolve().parent / "data"
 
 pytestmark = pytest.mark.comfy
 
@@ -29,7 +33,18 @@ def test_server_boots_with_the_pack(comfy_server):
 
 
 def test_models_folder_is_the_test_controlled_one(comfy_server):
-    # --base-directory puts models/ (and so models/vibevoice) in the temp base folder
-    assert comfy_server.models_dir.is_dir()
-    assert comfy_server.models_dir.parts[-2:] == ("models", "vibevoice")
-    assert str(comfy_server.models_dir).startswith(str(comfy_server.base_dir))
+    """ComfyUI's loader lists what the test puts into `models_dir` (--base-directory's
+    models/vibevoice): model folders with a config.json, directly or one level down, and
+    not a folder without one."""
+    tag = uuid.uuid4().hex[:8]
+    config = (RELEASED_CONFIGS / "VibeVoice-1.5B" / "config.json").read_text()
+    for name in (f"boot-{tag}", f"org-{tag}/nested-{tag}"):
+        (comfy_server.models_dir / name).mkdir(parents=True)
+        (comfy_server.models_dir / name / "config.json").write_text(config)
+    (comfy_server.models_dir / f"no-config-{tag}").mkdir()
+
+    loader = comfy_server.object_info("VibeVoiceOffloadLoader")["VibeVoiceOffloadLoader"]
+    spec = loader["input"]["required"]["model"]
+    options = spec[1].get("options") or spec[0]  # V3 combos carry their options in the spec's dict
+    listed = {name for name in options if tag in name}
+    assert listed == {f"boot-{tag}", f"org-{tag}/nested-{tag}"}, options

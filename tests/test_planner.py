@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from vibevoice_offload import planner
 from vibevoice_offload.config import load_config
 from vibevoice_offload.plan import STREAM_DTYPES, OffloadPlan
 from vibevoice_offload.planner import (
+    DEFAULT_WORKLOAD,
     GB,
     PRESETS,
     PlanError,
@@ -39,7 +42,7 @@ from vibevoice_offload.planner import (
     real_time_factor,
 )
 
-CHECKPOINTS = Path("/work/shared/reference/checkpoints")
+RELEASED_CONFIGS = Path(__file__).resolve().parent / "data"  # the released models' config.json, one folder each
 KiB = 1024
 
 
@@ -64,7 +67,7 @@ def _by_hand(raw_decoder: dict) -> dict[str, int]:
 
 
 def _raw(size: str) -> dict:
-    return json.loads((CHECKPOINTS / f"VibeVoice-{size}" / "config.json").read_text())["decoder_config"]
+    return json.loads((RELEASED_CONFIGS / f"VibeVoice-{size}" / "config.json").read_text())["decoder_config"]
 
 
 # ---------------------------------------------------------------------- sizes
@@ -126,7 +129,7 @@ def test_components_match_config_and_vibevoice_md(large, small):
 
 
 def test_model_folder_and_packaged_config_agree(large):
-    from_folder, _ = load_config(CHECKPOINTS / "VibeVoice-Large")
+    from_folder, _ = load_config(RELEASED_CONFIGS / "VibeVoice-Large")
     assert model_sizes(from_folder) == model_sizes(large)
 
 
@@ -335,7 +338,8 @@ def test_fp8_fits_below_where_bf16_does(large, small):
         assert 0.95 * saved <= bf16 - need <= 1.05 * saved  # the allocator slack (2% of the peak) shrinks too
         assert _estimate(config, OffloadPlan(0, "fp8")).total_vram - need >= model_sizes(config).layers[0]
         assert plan_auto(config, need, stream_dtype="fp8", workload=WORK, link_gbps=25.0, frame_extension=False) == fp8
-        with pytest.raises(PlanError):  # two compute buffers asked for: they do not fit there
+        # two compute buffers asked for: they do not fit there, decoding on use does
+        with pytest.raises(PlanError, match=r"streaming every decoder layer needs .*decoded a layer ahead\).*Mode 'auto', decoding on use, fits"):
             plan_auto(config, need, stream_dtype="fp8", workload=WORK, link_gbps=25.0, compute_buffers=2)
         with pytest.raises(PlanError, match=f"minimum for this model and audio length is {need / 1e9:.2f} GB"):
             plan_auto(config, need - 1, stream_dtype="fp8", workload=WORK, link_gbps=25.0)
@@ -417,7 +421,7 @@ def test_auto_refusal_names_the_minimum(large):
     assert f"{minimum / 1e9:.2f} GB" in message and "4.00 GB" in message
     assert "embed_tokens on the host" in message
     assert plan_auto(large, minimum, workload=WORK).resident_layers == 0
-    with pytest.raises(PlanError):
+    with pytest.raises(PlanError, match=f"streaming every decoder layer needs .* is {minimum / 1e9:.2f} GB .*To run: "):
         plan_auto(large, minimum - 1, workload=WORK)
 
 
@@ -443,6 +447,39 @@ def test_preset_that_does_not_fit_is_refused(large):
     assert "auto" in str(info.value)
     with pytest.raises(PlanError, match="unknown offload preset"):
         plan_preset(large, "medium")
+
+
+def test_refused_preset_points_to_auto_where_decoding_on_use_fits(large):
+    """Large fp8 at 8 GB: 'extreme' (decoded a layer ahead) does not fit, auto (decoded on
+    use) does; the refusal states both minimums and says so, without the hints for when
+    nothing fits."""
+    budget = 8 * GB
+    with pytest.raises(PlanError) as info:
+        plan_preset(large, "extreme", budget, stream_dtype="fp8", workload=DEFAULT_WORKLOAD)
+    message = str(info.value)
+    ahead = _estimate(large, OffloadPlan(0, "fp8"), DEFAULT_WORKLOAD).total_vram
+    auto = plan_auto(large, budget, stream_dtype="fp8", workload=DEFAULT_WORKLOAD, link_gbps=25.0)
+    on_use = _estimate(large, auto, DEFAULT_WORKLOAD).total_vram
+    assert on_use <= budget < ahead
+    assert (
+        f"is {ahead / 1e9:.2f} GB (all 28 decoder layers streamed, fp8, prefetch depth 2, decoded a layer ahead); "
+        f"{on_use / 1e9:.2f} GB as mode 'auto' plans it (fp8, prefetch depth 2, decoded on use). Mode 'auto', decoding on use, fits this budget."
+    ) in message
+    assert "1.5B" not in message and "To run" not in message
+
+
+def test_refusal_when_nothing_fits_gives_both_minimums_and_the_hints(large):
+    budget = 6 * GB
+    with pytest.raises(PlanError) as info:
+        plan_preset(large, "extreme", budget, stream_dtype="fp8", workload=DEFAULT_WORKLOAD)
+    message = str(info.value)
+    ahead = _estimate(large, OffloadPlan(0, "fp8"), DEFAULT_WORKLOAD).total_vram
+    on_use = _estimate(large, OffloadPlan(0, "fp8", compute_buffers=1), DEFAULT_WORKLOAD).total_vram
+    assert budget < on_use < ahead
+    assert f"is {ahead / 1e9:.2f} GB" in message and f"{on_use / 1e9:.2f} GB as mode 'auto' plans it" in message
+    assert "fits this budget" not in message and "use the 1.5B model" in message
+    with pytest.raises(PlanError, match=f"is {on_use / 1e9:.2f} GB .*decoded on use\\)\\. To run: .*use the 1.5B model"):
+        plan_auto(large, budget, stream_dtype="fp8", workload=DEFAULT_WORKLOAD, link_gbps=25.0)
 
 
 def test_manual_plans(large):
@@ -642,11 +679,13 @@ def test_link_bandwidth_cache_is_keyed_by_gpu_name(monkeypatch, tmp_path):
     cache = tmp_path / "link.json"
     cache.write_text(json.dumps({"Some GPU": 13.5, "Fake GPU": 31.25}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(planner, "measure_link_gbps", lambda: pytest.fail("measured despite a cached value"))
-    assert link_bandwidth_gbps(cache_file=cache) == 31.25
-    monkeypatch.setattr(planner, "measure_link_gbps", lambda: 40.0)
-    assert link_bandwidth_gbps(cache_file=cache, refresh=True) == 40.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: {torch.device("cuda", 1): "Fake GPU"}[device])
+    monkeypatch.setattr(planner, "measure_link_gbps", lambda **kw: pytest.fail("measured despite a cached value"))
+    assert link_bandwidth_gbps(cache_file=cache, device="cuda:1") == 31.25
+    measured_on = []
+    monkeypatch.setattr(planner, "measure_link_gbps", lambda device: measured_on.append(device) or 40.0)
+    assert link_bandwidth_gbps(cache_file=cache, refresh=True, device="cuda:1") == 40.0
+    assert measured_on == [torch.device("cuda", 1)]  # the device asked for, whose name keys the cache
     assert json.loads(cache.read_text()) == {"Some GPU": 13.5, "Fake GPU": 40.0}
 
 
@@ -696,7 +735,7 @@ def test_free_vram_fails_clearly(monkeypatch):
 def test_budget_from_free():
     assert budget_from_free(10 * GB) == 9 * GB
     assert budget_from_free(10 * GB, 0.5) == 5 * GB
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"target_utilisation must be in \(0, 1\], got 1.5"):
         budget_from_free(10 * GB, 1.5)
 
 
@@ -732,6 +771,18 @@ def test_table_lists_every_mode_and_marks_what_does_not_fit(large):
     assert "does not fit (needs" in text
 
 
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8", "bf16-packed"])
+def test_table_prices_the_plans_the_presets_run(large, stream_dtype):
+    """Each preset row is the plan `plan_preset` returns (bf16-packed keeps its residents
+    packed), priced and rated as such."""
+    rows = {r.mode: r for r in plan_table(large, 12 * GB, stream_dtype, link_gbps=25.0, workload=WORK)}
+    for name in PRESETS:
+        plan = plan_preset(large, name, stream_dtype=stream_dtype, workload=WORK)
+        assert rows[name].vram_bytes == _estimate(large, plan).total_vram, name
+        assert rows[name].ms_per_frame == predict_ms_per_frame(large, plan, 25.0), name
+        assert ("residents kept packed" in rows[name].note) == plan.encoded_residents, name
+
+
 def test_table_when_nothing_fits(large):
     rows = plan_table(large, 1 * GB, "fp8", link_gbps=25.0, workload=WORK)
     assert all(r.note.startswith("does not fit") for r in rows)
@@ -755,7 +806,7 @@ def test_table_command(capsys):
 
 
 def test_table_command_with_model_folder(capsys):
-    args = _parser().parse_args(["table", "--model", str(CHECKPOINTS / "VibeVoice-Large"), "--vram", "12", "--link-gbps", "25"])
+    args = _parser().parse_args(["table", "--model", str(RELEASED_CONFIGS / "VibeVoice-Large"), "--vram", "12", "--link-gbps", "25"])
     assert args.func(args) == 0
     assert "VibeVoice-Large" in capsys.readouterr().out
 
@@ -786,17 +837,42 @@ def test_table_command_without_vram_uses_free_vram(monkeypatch, capsys):
 # ---------------------------------------------------------------------- on a GPU
 
 
+def _host_clock_gbps(nbytes: int, repeats: int = 5) -> float:
+    """Pinned host->device GB/s by another route than `measure_link_gbps`: PyTorch's own
+    pinned memory, each copy timed by the host clock up to its synchronisation."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return nbytes / statistics.median(seconds) / GB
+
+
 @pytest.mark.gpu
 def test_link_bandwidth_is_measured_once_per_gpu(tmp_path):
+    """Measured on the current GPU as fast as an independent timing of the same copies
+    (a pageable probe would be several times slower), then read from the cache."""
     cache = tmp_path / "link.json"
     measured = link_bandwidth_gbps(cache_file=cache)
-    assert 1.0 < measured < 1000.0  # pinned H2D: PCIe 3 x4 .. NVLink-C2C
+    assert measured == pytest.approx(_host_clock_gbps(planner._LINK_PROBE_BYTES), rel=0.2)
     assert json.loads(cache.read_text()) == {torch.cuda.get_device_name(): round(measured, 2)}
     assert link_bandwidth_gbps(cache_file=cache) == round(measured, 2)
 
 
 @pytest.mark.gpu
-def test_free_vram_on_a_gpu():
-    free = free_vram_bytes(0)
-    _, total = torch.cuda.mem_get_info(0)
-    assert 0 < free <= total
+def test_free_vram_on_a_gpu_is_the_drivers_count():
+    """NVML's free memory (read without a CUDA context) is CUDA's own count for the device,
+    and drops by what this process allocates (to the allocator's rounding and other
+    processes' noise: 64 MiB)."""
+    cuda_free, _ = torch.cuda.mem_get_info(0)  # creates the context first: both counts include it
+    before = free_vram_bytes(0)
+    assert before == pytest.approx(cuda_free, abs=64 * 2**20)
+    ballast = torch.empty(2 * GB, dtype=torch.uint8, device="cuda:0")
+    assert before - free_vram_bytes(0) == pytest.approx(2 * GB, abs=64 * 2**20)
+    del ballast
+    torch.cuda.empty_cache()

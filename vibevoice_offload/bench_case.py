@@ -254,12 +254,12 @@ def result_stem(card: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-{datetime.date.today():%Y%m%d}"
 
 
-def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """The benchmarks' link figure: `planner.measure_link_gbps` over 1 GiB, median of 7, then
-    the probe's device and pinned blocks given back so no case starts with them cached."""
-    gbps = planner.measure_link_gbps(nbytes, repeats)
+def measure_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 7, device: torch.device | str | None = None) -> float:
+    """The benchmarks' link figure: `planner.measure_link_gbps` to `device` (default: the
+    current CUDA device) over 1 GiB, median of 7, then the probe's device blocks given back
+    so no case starts with them cached (its pinned slab is unpinned when freed)."""
+    gbps = planner.measure_link_gbps(nbytes, repeats, device)
     torch.cuda.empty_cache()
-    empty_host_cache()
     return gbps
 
 
@@ -594,7 +594,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             link, link_source = args.link_gbps, "--link-gbps"
         elif device.type == "cuda":
             warm_libraries()
-            link, link_source = measure_h2d_gbps(), "measured in this run"
+            link, link_source = measure_h2d_gbps(device=device), "measured in this run"
         else:
             link = planner.PCIE_DEFAULTS[planner.DEFAULT_PCIE_GEN]
             link_source = f"PCIe {planner.DEFAULT_PCIE_GEN} default: a CPU device has no link; the prediction is for a GPU"

@@ -12,7 +12,7 @@ import soundfile
 import torch
 
 from .config import SAMPLE_RATE
-from .errors import VibeVoiceError
+from .errors import ScriptError, VibeVoiceError
 from .frame_loop import GenerationResult, GenerationSettings
 from .pipeline import VibeVoice
 from .plan import STREAM_DTYPES
@@ -59,6 +59,13 @@ def _read_voice(path: Path) -> tuple[np.ndarray, int]:
     return data.T, rate
 
 
+def _read_script(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScriptError(f"{path}: cannot read the script ({exc.strerror if isinstance(exc, OSError) else exc})") from exc
+
+
 def _settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(cfg=args.cfg, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds)
 
@@ -93,9 +100,11 @@ def _report(out: Path, result: GenerationResult) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # the inputs first: loading the model takes long, and a bad path should not wait for it
+    script = _read_script(Path(args.script))
     voices = {speaker: _read_voice(path) for speaker, path in args.voice}
     model = VibeVoice.load(args.model, dtype=args.dtype)
-    result = _generate(model, Path(args.script).read_text(), voices, _settings(args), Path(args.out), args)
+    result = _generate(model, script, voices, _settings(args), Path(args.out), args)
     _report(Path(args.out), result)
     return 0
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .checkpoint import LoadedCheckpoint, load_checkpoint, model_folder
 from .executor import Executor, ResidentExecutor
 from .frame_loop import FrameCallback, FrameLoop, GenerationResult, GenerationSettings
 from .prompt import Prompt, build_prompt
@@ -27,7 +27,7 @@ class VibeVoice:
 
     @classmethod
     def load(cls, model_dir: Path | str, dtype: str = "bf16", tokenizer_fallbacks: Sequence[Path | str] = ()) -> "VibeVoice":
-        model_dir = Path(model_dir)
+        model_dir = model_folder(model_dir)  # first: the tokenizer search would report a missing folder as a missing tokenizer
         tokenizer = load_tokenizer(model_dir, tokenizer_fallbacks)
         return cls(load_checkpoint(model_dir, dtype), tokenizer, model_dir)
 

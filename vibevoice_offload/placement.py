@@ -42,7 +42,7 @@ def offload_engine(
         count = layers if resident_layers is None else resident_layers
         plan = planner.plan_manual(config, count, budget_bytes=budget_bytes, **options)
     elif mode == "auto":
-        plan = planner.plan_auto(config, budget_bytes, **options)
+        plan = planner.plan_auto(config, budget_bytes, link_gbps=planner.link_bandwidth_gbps(device=device), **options)
     else:
         plan = planner.plan_preset(config, mode, budget_bytes, **options)
     engine = OffloadEngine(vv.model, plan, device)

@@ -34,7 +34,7 @@ from .decoder_pass import round_up as kv_positions
 from .errors import VibeVoiceError
 from .bf16_packing import packed_nbytes
 from .fp8 import FP8_DTYPE
-from .offload.host_slabs import ALIGN as SLAB_ALIGN
+from .offload.host_slabs import ALIGN as SLAB_ALIGN, allocate_slab
 from .plan import STREAM_DTYPES, OffloadPlan, StreamDtype, residency_order
 from .offload.gpu_slots import ring_nbytes
 
@@ -724,19 +724,56 @@ def estimate_for_workload(config: VibeVoiceConfig, plan: OffloadPlan, dtype: tor
     )
 
 
+def _auto_buffer_counts(stream_dtype: str, compute_buffers: int | None = None) -> tuple[int, ...]:
+    """The `compute_buffers` auto tries, in its order: only `compute_buffers` if given; for a
+    staged format two (decoded a layer ahead), then one (decoded on use). The last needs the
+    least VRAM."""
+    if compute_buffers:
+        return (compute_buffers,)
+    return (2, 1) if stream_dtype != "bf16" else (2,)
+
+
+def _auto_minimum(
+    stream_dtype: StreamDtype, prefetch_depth: int, pinned: bool, embed_on_host: bool, compute_buffers: int | None = None
+) -> OffloadPlan:
+    """The plan of least VRAM auto can choose with this ring depth: every decoder layer
+    streamed, decoded as the last of `_auto_buffer_counts`. Auto fits a budget exactly when
+    this plan does."""
+    buffers = _auto_buffer_counts(stream_dtype, compute_buffers)[-1]
+    return OffloadPlan(0, stream_dtype, prefetch_depth, pinned, embed_on_host, compute_buffers=buffers)
+
+
+def _ring_words(plan: OffloadPlan) -> str:
+    decoding = {1: ", decoded on use", 2: ", decoded a layer ahead"}[plan.compute_buffers] if plan.staged else ""
+    return f"{plan.stream_dtype}, prefetch depth {plan.prefetch_depth}{decoding}"
+
+
 def _refusal(
     config: VibeVoiceConfig, plan: OffloadPlan, need: int, budget_bytes: int, dtype: torch.dtype, workload: Workload, what: str
 ) -> PlanError:
-    minimum_plan = dataclasses.replace(plan, resident_layers=0, frame_layers=0, frame_slots=0)  # the same ring
-    minimum = estimate_for_workload(config, minimum_plan, dtype, workload).total_vram
+    """The error for `plan` not fitting: the least VRAM of `plan`'s ring (every layer
+    streamed) and, where auto's cheaper decoding (on use) needs less, that too. It points to
+    the cheapest mode that fits, and only when none does to ways of needing less VRAM."""
     n = config.text_config.num_hidden_layers
+
+    def minimum_of(ring: OffloadPlan) -> int:
+        return estimate_for_workload(config, ring, dtype, workload).total_vram
+
+    same_ring = dataclasses.replace(plan, resident_layers=0, frame_layers=0, frame_slots=0)
+    minimum = minimum_of(same_ring)
     message = (
         f"{model_label(config)}: {what} needs {_gb(need)} GB of VRAM but the budget is {_gb(budget_bytes)} GB. "
-        f"The minimum for this model and audio length is {_gb(minimum)} GB (all {n} decoder layers streamed, "
-        f"{plan.stream_dtype}, prefetch depth {plan.prefetch_depth}). "
+        f"The minimum for this model and audio length is {_gb(minimum)} GB (all {n} decoder layers streamed, {_ring_words(plan)})"
     )
+    auto = _auto_minimum(plan.stream_dtype, plan.prefetch_depth, plan.pinned, plan.embed_on_host)
+    auto_minimum = minimum_of(auto)
+    if auto_minimum < minimum:
+        message += f"; {_gb(auto_minimum)} GB as mode 'auto' plans it ({_ring_words(auto)})"
+    message += ". "
     if minimum <= budget_bytes:
         message += "Use mode 'auto' or a preset that keeps fewer layers resident ('aggressive', 'extreme')."
+    elif auto_minimum <= budget_bytes:
+        message += "Mode 'auto', decoding on use, fits this budget."
     else:
         hints = ["free VRAM (unload other models, close other programs)", "plan for shorter audio (the KV cache grows with length)"]
         if not plan.embed_on_host:
@@ -811,7 +848,7 @@ def plan_auto(
     """
     n = config.text_config.num_hidden_layers
     depths = range(2, max(n, 2) + 1) if prefetch_depth is None else (prefetch_depth,)
-    buffer_counts = (compute_buffers,) if compute_buffers else (2, 1) if stream_dtype != "bf16" else (2,)
+    buffer_counts = _auto_buffer_counts(stream_dtype, compute_buffers)
     if encoded_residents is not None:
         residencies = (encoded_residents,)
     else:
@@ -837,7 +874,7 @@ def plan_auto(
             if best is None or ms < best_ms * (1 - AUTO_DEPTH_GAIN):
                 best, best_ms = candidate, ms
     if best is None:
-        smallest = OffloadPlan(0, stream_dtype, depths[0], pinned, embed_on_host, compute_buffers=buffer_counts[-1])
+        smallest = _auto_minimum(stream_dtype, depths[0], pinned, embed_on_host, compute_buffers)
         need = estimate_for_workload(config, smallest, dtype, workload).total_vram
         raise _refusal(config, smallest, need, budget_bytes, dtype, workload, "streaming every decoder layer")
     return best
@@ -1233,22 +1270,41 @@ def real_time_factor(config: VibeVoiceConfig, ms_per_frame: float) -> float:
     return ms_per_frame / frame_ms(config)
 
 
-def measure_link_gbps(nbytes: int = _LINK_PROBE_BYTES, repeats: int = _LINK_PROBE_REPEATS) -> float:
-    """Pinned host->device GB/s on the current CUDA device: one warm-up copy of `nbytes`
-    (first touch, driver setup), then the median of `repeats` timed copies. The planner's
-    cached figure uses 256 MiB x 5; the benchmarks (`bench_case.measure_h2d_gbps`) 1 GiB x 7."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=True)  # warm-up: first-touch and driver setup
-    torch.cuda.synchronize()
-    seconds = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        device.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1000)
+def _cuda_device(device: torch.device | str | None) -> torch.device:
+    """`device` with its index; None: the current CUDA device. The link is to a CUDA device."""
+    resolved = torch.device("cuda") if device is None else torch.device(device)
+    if resolved.type != "cuda":
+        raise ValueError(f"the host link is measured to a CUDA device, got {resolved}")
+    return resolved if resolved.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def measure_link_gbps(
+    nbytes: int = _LINK_PROBE_BYTES, repeats: int = _LINK_PROBE_REPEATS, device: torch.device | str | None = None
+) -> float:
+    """Pinned host->device GB/s to `device` (default: the current CUDA device): one warm-up
+    copy of `nbytes` (first touch, driver setup), then the median of `repeats` timed copies.
+    The planner's cached figure uses 256 MiB x 5; the benchmarks (`bench_case.measure_h2d_gbps`)
+    1 GiB x 7. The host buffer is a registered slab, as the engine streams from: exactly
+    `nbytes`, unpinned when freed (PyTorch's pinned allocator would keep it cached)."""
+    device = _cuda_device(device)
+    host, pinned = allocate_slab(nbytes, pinned=True)
+    if not pinned:
+        raise PlanError(
+            f"cannot pin {nbytes / MiB:.0f} MiB of host memory to measure the link to {device}; "
+            "pass the link speed explicitly (e.g. --link-gbps 25)"
+        )
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):  # the events and the copies' stream belong to `device`
+        target.copy_(host, non_blocking=True)  # warm-up: first-touch and driver setup
+        torch.cuda.synchronize(device)
+        seconds = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(host, non_blocking=True)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1000)
     return nbytes / statistics.median(seconds) / GB
 
 
@@ -1269,17 +1325,19 @@ def cached_link_gbps(cache_file: Path = LINK_CACHE_FILE) -> float | None:
 
 
 def link_bandwidth_gbps(
-    *, pcie_gen: int = DEFAULT_PCIE_GEN, cache_file: Path = LINK_CACHE_FILE, refresh: bool = False
+    *, pcie_gen: int = DEFAULT_PCIE_GEN, cache_file: Path = LINK_CACHE_FILE, refresh: bool = False,
+    device: torch.device | str | None = None,
 ) -> float:
-    """Pinned host->device GB/s of the current CUDA device, measured once per GPU name and
-    cached in `cache_file`; without a GPU, `PCIE_DEFAULTS[pcie_gen]`."""
+    """Pinned host->device GB/s of CUDA `device` (default: the current one), measured once per
+    GPU name and cached in `cache_file`; without a GPU, `PCIE_DEFAULTS[pcie_gen]`."""
     if not torch.cuda.is_available():
         return PCIE_DEFAULTS[pcie_gen]
-    name = torch.cuda.get_device_name()
+    device = _cuda_device(device)
+    name = torch.cuda.get_device_name(device)
     cached = _read_link_cache(cache_file)
     if not refresh and isinstance(cached.get(name), (int, float)):
         return float(cached[name])
-    measured = measure_link_gbps()
+    measured = measure_link_gbps(device=device)
     cached[name] = round(measured, 2)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
@@ -1357,10 +1415,10 @@ def plan_table(
             link_gbps=link, resident_ms=resident_ms, decoder_ms=decoder_ms, **options,
         )
     except PlanError:
-        auto = OffloadPlan(0, prefetch_depth=depth, **options)
+        auto = _auto_minimum(prefetch_depth=depth, **options)
     rows = [row("auto", auto)]
-    for name in PRESETS:
-        rows.append(row(name, OffloadPlan(preset_resident_layers(name, n), prefetch_depth=depth, **options)))
+    for name in PRESETS:  # the plans the presets really run, unchecked: the row says whether they fit
+        rows.append(row(name, plan_preset(config, name, None, prefetch_depth=depth, dtype=dtype, workload=workload, **options)))
     return rows
 
 
