@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -173,12 +173,11 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
 
     def __init__(
         self, vibevoice: VibeVoice, load_device: torch.device, offload_device: torch.device, *,
-        key: tuple[str, str], tokenizer_fallbacks: Sequence[str] = (),
+        key: tuple[str, str],
     ):
         super().__init__(vibevoice.model, load_device, offload_device, size=vibevoice.checkpoint.nbytes)
         self.vibevoice = vibevoice
         self.key = key
-        self.tokenizer_fallbacks = list(tokenizer_fallbacks)
         self.name = Path(key[0]).name
         self.num_layers = int(vibevoice.checkpoint.config.text_config.num_hidden_layers)
         self.engine = None
@@ -235,7 +234,11 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
 
     def _new_engine(self, resident_layers: int, encoded_residents: bool | None = None):
         """An engine for the current settings; building one only plans (no memory is moved)."""
-        self.engine = _engine_class()(self.model, self._plan(resident_layers, encoded_residents), self.engine_device)
+        cp = self.vibevoice.checkpoint
+        # fp8 streaming rounds the streamed layers: the engine reads a layer back from disk when it
+        # becomes resident or the engine closes, so the audio never depends on what was streamed before.
+        source = None if cp.fp8_layers else cp.read_decoder_layer
+        self.engine = _engine_class()(self.model, self._plan(resident_layers, encoded_residents), self.engine_device, layer_source=source)
         self.engine_signature = self._signature()
         return self.engine
 
@@ -278,22 +281,7 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
                 self.engine_signature = new
                 return
             log.info("VibeVoice: offload settings changed (%s): rebuilding the offload engine", settings.describe())
-            self._close_engine()
-            if old.stream_dtype == "fp8" and new.stream_dtype != "fp8" and not self.vibevoice.checkpoint.fp8_layers:
-                self._reload_weights()
-
-    def _reload_weights(self) -> None:
-        """Read the weights from disk again: closing an fp8-streaming engine leaves its layers
-        fp8-rounded, and bf16 streaming promises the weights as loaded."""
-        log.info("VibeVoice: re-reading %s from disk (the fp8-streamed layers were rounded to fp8)", self.name)
-        old = self.model
-        self.vibevoice = None
-        self.vibevoice = VibeVoice.load(self.key[0], dtype=self.key[1], tokenizer_fallbacks=self.tokenizer_fallbacks)
-        self.model = self.vibevoice.model
-        self.model.current_weight_patches_uuid = None
-        self.size = self.vibevoice.checkpoint.nbytes
-        del old
-        self._sync()
+            self._close_engine()  # an fp8 engine gives its layers back read from disk, not rounded
 
     def _choose_layers(self, budget: float | None) -> tuple[int, bool]:
         """The first of `_residencies` (up to what the config asks for) whose device bytes fit
@@ -457,7 +445,9 @@ class VibeVoicePatcher(comfy.model_patcher.ModelPatcher):
         layers = slots = 0
         if settings.mode == "auto" and self.engine_device.type == "cuda":
             cp = self.vibevoice.checkpoint
-            extended = planner.with_frame_extension(cp.config, self.engine.plan, cp.dtype, workload, planner.link_bandwidth_gbps())
+            extended = planner.with_frame_extension(
+                cp.config, self.engine.plan, cp.dtype, workload, planner.link_bandwidth_gbps(device=self.engine_device)
+            )
             layers, slots = extended.frame_layers, extended.frame_slots
         self.engine.set_frame_extension(layers, slots)
 
@@ -556,7 +546,7 @@ def get_patcher(model_dir: str | os.PathLike, dtype: str, tokenizer_fallbacks=()
         patcher = _REGISTRY.get(key)
         if patcher is None:
             vv = VibeVoice.load(key[0], dtype=dtype, tokenizer_fallbacks=list(tokenizer_fallbacks))
-            patcher = VibeVoicePatcher(vv, mm.get_torch_device(), torch.device("cpu"), key=key, tokenizer_fallbacks=tokenizer_fallbacks)
+            patcher = VibeVoicePatcher(vv, mm.get_torch_device(), torch.device("cpu"), key=key)
             _REGISTRY[key] = patcher
         return patcher
 

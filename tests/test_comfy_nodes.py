@@ -435,7 +435,7 @@ def test_plan_route_prices_the_ring_the_node_runs(pack, monkeypatch):
     monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, 8 * 10**9))
     auto = routes.compute_plan({"size": "Large", "mode": "auto", "stream_dtype": "fp8", "minutes": 5, "target_utilisation": 1.0})
     assert auto["error"] is None and auto["streamed_layers"] > 0 and auto["estimated_vram_bytes"] <= 8 * 10**9
-    with pytest.raises(planner.PlanError):
+    with pytest.raises(planner.PlanError, match=r"streaming every decoder layer needs .*decoded a layer ahead\)"):
         planner.plan_auto(config, 8 * 10**9, stream_dtype="fp8", prefetch_depth=2, workload=workload, link_gbps=32.0, compute_buffers=2)
 
     monkeypatch.setattr(routes, "_device_memory", lambda: (80 * 2**30, 16 * 10**9))
@@ -510,6 +510,36 @@ def test_packed_streaming_keeps_every_layer_decoded_where_the_grant_holds_them(p
         assert stats["engine"]["offload_streamed_layers"] == 0 and not stats["engine"]["offload_encoded_residents"]
         runs[stream_dtype] = audio
     assert torch.equal(runs["bf16"].waveform, runs["bf16-packed"].waveform)
+    assert_counters_true(patcher)
+
+
+def test_fp8_audio_does_not_depend_on_what_was_streamed_before(pack, model_dirs, voices, clean_models):
+    """fp8 rounds the layers it streams, and their fp8 copy is then the only one in host RAM.
+    When ComfyUI takes VRAM back (layers become streamed) and gives it again, when a config
+    streams fewer layers, and when the stream dtype goes back to bf16, the layers that
+    become resident are read from disk again: every run with all layers resident is the
+    fresh model's audio, bit for bit."""
+    import torch
+
+    patcher = make_patcher(pack, model_dirs.eight, torch.device("cpu"))
+    everything = settings(pack, mode="manual", resident_layers=8)
+    fresh, _ = patcher.generate(everything, SCRIPT, voices, gen_settings(pack))
+    fp8 = settings(pack, mode="manual", resident_layers=8, stream_dtype="fp8")
+    runs = [patcher.generate(fp8, SCRIPT, voices, gen_settings(pack))[0]]
+
+    freed = patcher.partially_unload(torch.device("cpu"), patcher.loaded_size() - patcher.weight_bytes(3))
+    assert freed > 0 and patcher.resident_layers() == 3
+    patcher.partially_load(torch.device("cpu"), extra_memory=1e32)
+    assert patcher.resident_layers() == 8
+    assert_counters_true(patcher)
+    runs.append(patcher.generate(fp8, SCRIPT, voices, gen_settings(pack))[0])
+
+    streamed, stats = patcher.generate(settings(pack, mode="manual", resident_layers=2, stream_dtype="fp8"), SCRIPT, voices, gen_settings(pack))
+    assert stats["engine"]["offload_streamed_layers"] == 6
+    runs.append(patcher.generate(fp8, SCRIPT, voices, gen_settings(pack))[0])
+    runs.append(patcher.generate(everything, SCRIPT, voices, gen_settings(pack))[0])  # a new bf16 engine
+    assert not torch.equal(streamed.waveform, fresh.waveform)  # streamed layers do run rounded
+    assert all(torch.equal(run.waveform, fresh.waveform) for run in runs)
     assert_counters_true(patcher)
 
 

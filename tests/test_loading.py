@@ -1,7 +1,6 @@
 """Loading model folders: both layouts, shards, dtypes, fp8 storage, host memory, bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -48,6 +47,26 @@ def test_original_and_hf_layouts_give_identical_weights_and_waveforms(tmp_path, 
     assert wave_a.numel() > 0 and torch.equal(wave_a, wave_b)
 
 
+@pytest.mark.parametrize("layout,shards,dtype", [(Layout.ORIGINAL, 1, "bf16"), (Layout.HF, 3, "fp32")])
+def test_a_decoder_layer_read_again_is_the_loaded_one(tmp_path, speaking, layout, shards, dtype):
+    """`read_decoder_layer` (what an fp8-streaming engine reads back instead of keeping a
+    rounded layer) gives the loaded layer's tensors, bit for bit, in either layout."""
+    loaded = load_checkpoint(write(tmp_path, speaking, layout=layout, shards=shards), dtype)
+    layers = loaded.model.model.language_model.layers
+    for index in (0, len(layers) - 1):
+        want = dict(layers[index].named_parameters())
+        got = loaded.read_decoder_layer(index)
+        assert got.keys() == want.keys()
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(CheckpointError, match="no tensors of decoder layer 99"):
+        loaded.read_decoder_layer(99)
+
+
+def test_an_fp8_load_is_not_read_again(tmp_path, speaking):
+    with pytest.raises(CheckpointError, match="loaded with fp8 layers"):
+        load_checkpoint(write(tmp_path, speaking), "fp8").read_decoder_layer(0)
+
+
 @pytest.mark.parametrize("dtype,expected", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_dtypes(tmp_path, speaking, dtype, expected):
     loaded = load_checkpoint(write(tmp_path, speaking), dtype)
@@ -85,6 +104,11 @@ def test_shards_with_an_index_and_tied_embeddings(tmp_path):
 def test_missing_folder_config_and_weights(tmp_path, speaking):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="nope: model folder does not exist"):  # not "no tokenizer found"
+        VibeVoice.load(tmp_path / "nope")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CheckpointError, match="a-file: not a folder"):
+        load_checkpoint(tmp_path / "a-file")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="missing config.json"):

@@ -20,6 +20,8 @@ from vibevoice_offload.offload.host_slabs import ALIGN, FP8, NATIVE, PACKED
 from vibevoice_offload.pipeline import VibeVoice
 from vibevoice_offload.plan import OffloadPlan
 
+from faults import out_of_memory_on_call
+
 SCRIPT = "Speaker 1: Hello there.\nSpeaker 2: Hi!"
 SETTINGS = GenerationSettings(cfg=1.3, steps=3, seed=7, max_frames=6)
 LAYERS = 4  # the tiny synthetic model
@@ -430,6 +432,23 @@ def test_frame_extension_is_undone_when_a_run_fails(tiny_model_dir, reference):
     engine.close()
 
 
+def test_running_out_of_memory_while_rearranging_leaves_the_engine_unloaded(tiny_model_dir, reference):
+    """Out of memory while the frame extension moves layers (half of them moved, no ring):
+    the engine unloads (on a GPU its VRAM goes back at once, test_offload_gpu.py; ComfyUI
+    then counts nothing loaded), and the next run loads again from the host slabs and is
+    exact. (Out of memory in load() itself: the GPU test.)"""
+    voices, ref = reference
+    vv, engine = engine_for(tiny_model_dir, OffloadPlan(1, "bf16", frame_layers=2, frame_slots=1))
+    calls = out_of_memory_on_call(engine, 2)
+    with pytest.raises(torch.OutOfMemoryError):
+        vv.generate(SCRIPT, voices, SETTINGS, executor=engine)
+    assert calls == [1, 2]
+    assert not engine.loaded and engine.resident_bytes == 0 and not engine._resident_buffers
+    assert not engine._placement.params and not engine._placement.buffers and engine._arranged == engine.plan
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, ref.waveform)
+    engine.close()
+
+
 # --- residency and lifecycle ----------------------------------------------------------------------
 
 def test_resident_bytes_accounting(tiny_model_dir):
@@ -484,11 +503,58 @@ def test_set_resident_layers_down_and_up(tiny_model_dir, reference, reference_bf
         expected = ref.waveform if stream_dtype == "bf16" else reference_bf16
         assert all(torch.equal(o, expected) for o in outs)
     else:
-        # once streamed in fp8, a layer keeps its fp8-rounded weights: the last two runs agree
+        # no layer_source: once streamed in fp8, a layer keeps its fp8-rounded weights, so
+        # every layer resident again runs as every layer streamed
+        assert torch.equal(outs[0], ref.waveform) and not torch.equal(outs[-1], ref.waveform)
         assert torch.equal(outs[-1], outs[-2]) or torch.allclose(outs[-1], outs[-2], atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="resident_layers"):
         engine.set_resident_layers(LAYERS + 1)
     engine.close()
+
+
+def test_fp8_layers_made_resident_again_are_read_from_the_checkpoint(tiny_model_dir, reference):
+    """With a `layer_source`, a layer that becomes resident again after streaming in fp8 (loaded
+    or not), and every layer `close()` gives back, has the checkpoint's weights: every run
+    with all layers resident is the reference audio, bit for bit, whatever was streamed before."""
+    voices, ref = reference
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    engine = OffloadEngine(vv.model, OffloadPlan(LAYERS, "fp8"), "cpu", layer_source=vv.checkpoint.read_decoder_layer)
+    engine.load()
+    for n in (1, LAYERS, 0, 2, LAYERS):
+        engine.set_resident_layers(n)
+        out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+        assert torch.equal(out, ref.waveform) == (n == LAYERS), n  # streamed layers run rounded
+        assert all(engine._host[i].format == NATIVE for i in engine.plan.resident_indices(LAYERS))
+    engine.set_resident_layers(1)
+    engine.unload()
+    engine.set_resident_layers(3)  # unloaded: the next load places the layers read again
+    engine.load()
+    assert all(engine._host[i].format == NATIVE for i in range(3)) and engine._host[3].format == FP8
+    engine.close()  # layer 3 was streamed in fp8: it comes back read from the checkpoint too
+    out = vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform
+    assert torch.equal(out, ref.waveform)
+
+
+def test_a_wrong_layer_source_is_refused_and_changes_nothing(tiny_model_dir, reference, caplog):
+    voices, ref = reference
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+
+    def wrong(i):
+        tensors = vv.checkpoint.read_decoder_layer(i)
+        tensors.pop("mlp.down_proj.weight")
+        return tensors
+
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8"), "cpu", layer_source=wrong)
+    engine.load()
+    before = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    with pytest.raises(ValueError, match="decoder layer tensor mlp.down_proj.weight: expected .* got missing"):
+        engine.set_resident_layers(2)
+    assert engine.resident_layers == 1 and engine._host[1].format == FP8
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, before)
+    with caplog.at_level("WARNING", logger="vibevoice_offload.offload.engine"):
+        engine.close()  # closing never fails half way: the streamed layers stay rounded, with a warning
+    assert "decoder layer 1 keeps its fp8-rounded weights" in caplog.text and engine.host_bytes == 0
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform, before)
 
 
 def test_unload_and_close_leave_nothing_behind(tiny_model_dir, reference):

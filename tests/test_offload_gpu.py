@@ -22,6 +22,8 @@ from vibevoice_offload.plan import OffloadPlan
 from vibevoice_offload.pipeline import VibeVoice
 from vibevoice_offload.prompt import build_prompt
 
+from faults import out_of_memory_on_call
+
 pytestmark = pytest.mark.gpu
 
 SCRIPT = "Speaker 1: Hello there, how are you today?\nSpeaker 2: Fine, thanks!"
@@ -137,17 +139,12 @@ def _capture_run(model, tokenizer, executor, voices, settings):
     return first_outputs(FrameLoop(model, executor), build_prompt(tokenizer, model.config, SCRIPT, voices), settings)
 
 
-def test_fp8_streaming_error_is_small(mid_dir, voices):
-    """Target (issue 3): at most 2% relative error of the prefill hidden states and the first
-    latent. NOT MET on this synthetic model: measured 7.6% / 8.5% (H200, 6 of 8 layers
-    streamed in fp8). e4m3 keeps 3 mantissa bits, so each quantised linear adds about 2-3%
-    relative error (row scales cannot remove rounding inside a row) and the errors of six
-    layers compound; the synthetic weights (std 0.2) make the attention sharp, which
-    amplifies them. bench/fp8_error.py measures the same shapes with gentler weights (std
-    0.02, 1/sqrt(fan_in)): 1.5-1.6% with one fp8 layer, 5.2-5.9% with six, so the target holds
-    for one layer only, whatever the weights. The CPU test `test_fp8_stream_equals_fp8_rounded_weights`
-    shows the engine adds nothing beyond the rounding itself. This test guards against
-    regressions at the measured level and reports the numbers."""
+@pytest.fixture(scope="module")
+def fp8_errors(mid_dir):
+    """Relative error of the prefill hidden states and the first latent with 6 of the 8
+    layers streamed in fp8, against the resident bf16 model (same seed), and the run's stats."""
+    g = torch.Generator().manual_seed(3)
+    voices = {1: (torch.randn(1, 400, generator=g) * 0.1, 24000), 2: (torch.randn(1, 300, generator=g) * 0.1, 24000)}
     settings = GenerationSettings(cfg=1.3, steps=5, seed=5, max_frames=3)
     vv = load(mid_dir)
     vv.model.to("cuda")
@@ -157,13 +154,31 @@ def test_fp8_streaming_error_is_small(mid_dir, voices):
     engine = OffloadEngine(vv.model, OffloadPlan(2, "fp8", prefetch_depth=4), "cuda")
     got = _capture_run(vv.model, vv.tokenizer, engine, voices, settings)
     stats = engine.stats()
+    native_bytes = engine.native.nbytes
     engine.close()
-    e_prefill, e_latent = relative_error(got["prefill"], ref["prefill"]), relative_error(got["latent"], ref["latent"])
-    print(f"fp8 relative error: prefill hidden {e_prefill:.4f}, first latent {e_latent:.4f}; stats {stats}")
-    assert e_prefill <= 0.12
-    assert e_latent <= 0.12
+    errors = {key: relative_error(got[key], ref[key]) for key in ("prefill", "latent")}
+    print(f"fp8 relative error: prefill hidden {errors['prefill']:.4f}, first latent {errors['latent']:.4f}; stats {stats}")
+    return errors, stats, native_bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 3's target, NOT MET: 7.6% / 8.5% measured (6 of 8 layers in fp8). e4m3 keeps 3 mantissa bits: one "
+    "quantised matrix rounds its product by 2.6% with any row scale, and six layers' errors compound "
+    "(bench/fp8_error.py: 1.5-2.0% with one fp8 layer, 5.2-9.9% with six, for every kind of random weights)"))
+def test_fp8_streaming_error_meets_the_2_percent_target(fp8_errors):
+    errors, _, _ = fp8_errors
+    assert errors["prefill"] <= 0.02 and errors["latent"] <= 0.02
+
+
+def test_fp8_streaming_error_stays_at_its_measured_level(fp8_errors):
+    """A regression guard at the level measured so far (7.6% / 8.5%; the 2% target above is
+    missed by the format, not by the engine: the CPU test `test_fp8_stream_equals_fp8_rounded_weights`
+    shows it adds nothing beyond the rounding). An engine fault, such as a slot overwritten
+    before its layer ran, gives errors of order one."""
+    errors, stats, native_bytes = fp8_errors
+    assert errors["prefill"] <= 0.12 and errors["latent"] <= 0.12
     # fp8 slabs: about half the bf16 bytes per streamed layer
-    assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * engine.native.nbytes
+    assert stats["offload_bytes_streamed"] / stats["offload_copies"] < 0.6 * native_bytes
 
 
 @pytest.mark.parametrize("stream_dtype,compute_buffers,encoded", [
@@ -245,10 +260,14 @@ def test_pinning_disabled_falls_back_and_stays_exact(mid_dir, voices, caplog):
     assert torch.equal(pinned.waveform, pageable.waveform)
 
 
-def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices):
+@pytest.mark.parametrize("stream_dtype", ["bf16", "fp8"])
+def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices, stream_dtype):
+    """Fewer layers resident, then all again: bf16 is exact throughout; fp8 layers made resident
+    again are read from the checkpoint (the ring may still be prefetching from the fp8 slabs
+    they replace), so the all-resident runs agree bit for bit."""
     settings = GenerationSettings(cfg=1.3, steps=3, seed=9, max_frames=5)
     vv = load(mid_dir)
-    engine = OffloadEngine(vv.model, OffloadPlan(LAYERS, "bf16"), "cuda")
+    engine = OffloadEngine(vv.model, OffloadPlan(LAYERS, stream_dtype), "cuda", layer_source=vv.checkpoint.read_decoder_layer)
     engine.load()
     first = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
     full_bytes = engine.resident_bytes
@@ -259,7 +278,60 @@ def test_set_resident_layers_between_runs_on_gpu(mid_dir, voices):
     third = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
     engine.close()
     assert fewer < full_bytes
-    assert torch.equal(first, second) and torch.equal(first, third)
+    assert torch.equal(first, third)
+    assert torch.equal(first, second) == (stream_dtype == "bf16")
+
+
+def test_refused_pinning_falls_back_and_cuda_keeps_working(mid_dir, voices, monkeypatch, caplog):
+    """A real refusal by cudaHostRegister (the same pages registered twice) leaves the CUDA
+    runtime's last error set, which PyTorch's next kernel launch would raise: the engine
+    falls back to pageable slabs, warns, and the run is exact."""
+    from vibevoice_offload.offload import host_slabs
+
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=5)
+    pinned, _ = run_engine(mid_dir, voices, settings, OffloadPlan(2, "bf16"))
+    register = host_slabs._cuda_host_register
+    refusals = []
+
+    def registered_twice(tensor):
+        assert register(tensor) is None
+        try:
+            refusal = register(tensor)  # refused by CUDA: the pages are registered already
+            refusals.append(refusal)
+            return refusal
+        finally:
+            host_slabs._cuda_host_unregister(tensor.data_ptr())
+
+    monkeypatch.setattr(host_slabs, "_cuda_host_register", registered_twice)
+    with caplog.at_level("WARNING"):
+        pageable, stats = run_engine(mid_dir, voices, settings, OffloadPlan(2, "bf16"))
+    assert refusals and all(r and "cudaHostRegister returned error" in r for r in refusals), refusals
+    assert not stats["offload_pinned"] and "falling back to pageable memory" in caplog.text
+    assert torch.equal(pinned.waveform, pageable.waveform)
+
+
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["load", "frame-extension"])
+def test_out_of_memory_while_placing_gives_the_vram_back(mid_dir, voices, failing_call):
+    """Out of memory in load() after the resident parts went to the device, or while the frame
+    extension moves layers: the VRAM comes back at once, with no unload() (ComfyUI, catching
+    the error, counts nothing loaded), and the next run is exact."""
+    settings = GenerationSettings(cfg=1.3, steps=3, seed=4, max_frames=5)
+    plan = OffloadPlan(2, "bf16", prefetch_depth=2, frame_layers=2, frame_slots=1)
+    reference, _ = run_engine(mid_dir, voices, settings, plan)
+    vv = load(mid_dir)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    engine = OffloadEngine(vv.model, plan, "cuda")
+    calls = out_of_memory_on_call(engine, failing_call)
+    with pytest.raises(torch.OutOfMemoryError):
+        vv.generate(SCRIPT, voices, settings, executor=engine)
+    assert calls == list(range(1, failing_call + 1)) and not engine.loaded
+    gc.collect()
+    assert torch.cuda.memory_allocated() == base, torch.cuda.memory_allocated() - base
+    again = vv.generate(SCRIPT, voices, settings, executor=engine).waveform
+    engine.close()
+    assert torch.equal(again, reference.waveform)
 
 
 def test_fused_dequantisation_matches_torch_kernels(mid_dir):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +39,27 @@ class LoadedCheckpoint:
     layout: Layout
     dtype: torch.dtype  # compute dtype of every module
     fp8_layers: bool  # decoder-layer linear weights stored in fp8
+    model_dir: Path
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
+
+    def read_decoder_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Decoder layer `index`'s tensors read from the folder again, named as inside the
+        layer ("self_attn.q_proj.weight") and converted as `load_checkpoint` converts them:
+        the loaded weights, bit for bit. An fp8-streaming engine reads a layer it makes
+        resident again here (`OffloadEngine(layer_source=...)`) instead of keeping it rounded."""
+        if self.fp8_layers:
+            raise CheckpointError("read_decoder_layer: this checkpoint was loaded with fp8 layers; its layers are not re-read")
+        prefix = f"model.language_model.layers.{index}."
+        to_hf = original_to_hf if self.layout is Layout.ORIGINAL else (lambda key: key)
+        tensors: dict[str, torch.Tensor] = {}
+        for _, key, tensor in _read_tensors(weight_files(self.model_dir), lambda key: to_hf(key).startswith(prefix)):
+            tensors[to_hf(key).removeprefix(prefix)] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        if not tensors:
+            raise CheckpointError(f"{self.model_dir}: no tensors of decoder layer {index} in the weights")
+        return tensors
 
 
 def _unique_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -78,12 +95,13 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no weights found (expected model.safetensors or shards with model.safetensors.index.json)")
 
 
-def _read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def _read_tensors(files: list[Path], wanted: Callable[[str], bool] = lambda key: True) -> Iterator[tuple[Path, str, torch.Tensor]]:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as reader:
                 for key in reader.keys():
-                    yield path, key, reader.get_tensor(key)
+                    if wanted(key):
+                        yield path, key, reader.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
 
@@ -132,13 +150,21 @@ def _materialise_computed_buffers(model: nn.Module) -> None:
             setattr(model.get_submodule(parent_name), child, type(module)(module.config))
 
 
+def model_folder(model_dir: Path | str) -> Path:
+    """`model_dir` as a Path; a CheckpointError naming it when it is not an existing folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise CheckpointError(f"{model_dir}: model folder does not exist")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a folder (a model folder holds config.json and the weights)")
+    return model_dir
+
+
 def load_checkpoint(model_dir: Path | str, dtype: str = "bf16") -> LoadedCheckpoint:
     """Load a VibeVoice model folder (original or -hf layout) onto the CPU."""
     if dtype not in LOAD_DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(LOAD_DTYPES)}")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: model folder does not exist")
+    model_dir = model_folder(model_dir)
     config, layout = load_config(model_dir)
     compute_dtype = DTYPES.get(dtype, torch.bfloat16)
     fp8_layers = dtype == "fp8"
@@ -158,4 +184,6 @@ def load_checkpoint(model_dir: Path | str, dtype: str = "bf16") -> LoadedCheckpo
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{model_dir}: missing tensor(s) in the weights: {listed}")
     log.info("loaded %s (%s layout, %s) from %d file(s)", model_dir.name, layout.value, dtype, len(files))
-    return LoadedCheckpoint(model=model, config=config, layout=layout, dtype=compute_dtype, fp8_layers=fp8_layers)
+    return LoadedCheckpoint(
+        model=model, config=config, layout=layout, dtype=compute_dtype, fp8_layers=fp8_layers, model_dir=model_dir,
+    )

@@ -45,7 +45,7 @@ import gc
 import logging
 import statistics
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -56,7 +56,8 @@ from ..plan import OffloadPlan, residency_order
 from .dequant import dequant_ops, dequantise, require_packed_kernel
 from .gpu_slots import ComputeBuffer, Slot, SlotRing, ring_nbytes, weight_buffer_nbytes
 from .host_slabs import (
-    NATIVE, PACKED, HostLayer, SlabLayout, pack_layer, point_layer, release_layer, return_freed_memory, unpack_layer,
+    FP8, NATIVE, PACKED, HostLayer, SlabLayout, assign_layer, pack_layer, point_layer, release_layer, return_freed_memory,
+    unpack_layer,
 )
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,6 @@ class _Placement:
         self.params.clear()
         self.buffers.clear()
 
-    @property
-    def nbytes(self) -> int:
-        total = sum(p.numel() * p.element_size() for p, _ in self.params.values() if p.device == self.device)
-        total += sum(m._buffers[n].numel() * m._buffers[n].element_size() for m, n, _ in self.buffers)
-        return total
-
 
 @dataclasses.dataclass
 class _Use:
@@ -145,10 +140,20 @@ class OffloadEngine:
     `unload()` frees every device buffer, stream and event (slabs are kept for a fast
     reload); `close()` also frees the slabs and gives the model ordinary host tensors back;
     `set_resident_layers(n)` changes residency between runs.
+
+    fp8 rounds a streamed layer's weights, and its host slab is then the only host copy.
+    `layer_source(i)` (`LoadedCheckpoint.read_decoder_layer`) reads layer i's own weights
+    again: with it, a layer that becomes resident through `set_resident_layers`, or that
+    `close()` gives back, has the checkpoint's weights, not the rounded ones, so a run's
+    audio does not depend on which layers were streamed before. Without it they stay rounded.
     """
 
-    def __init__(self, model: nn.Module, plan: OffloadPlan, device: torch.device | str | None = None, *, timing: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, plan: OffloadPlan, device: torch.device | str | None = None, *, timing: bool = True,
+        layer_source: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
         self.model = model
+        self._layer_source = layer_source
         self.lm = model.model.language_model
         self.layers = self.lm.layers
         self.num_layers = len(self.layers)
@@ -311,17 +316,22 @@ class OffloadEngine:
             return
         if self.timing:
             self._harvest(block=True)
-        self._drop_ring()
-        # Recorded first: if an allocation below fails, end_run still knows what to undo.
-        old, self._arranged = self._arranged, target
-        for i in self._order[target.resident_layers : old.resident_layers]:
-            self._make_host(i)
-            self._reformat_host(i, self.stream_layout.format)  # a no-op for the frames' layers: already streamed
-        if self.is_cuda:
-            torch.cuda.empty_cache()
-        for i in self._order[old.resident_layers : target.resident_layers]:
-            self._make_resident(i)
-        self._build_ring()
+        try:
+            self._drop_ring()
+            old, self._arranged = self._arranged, target
+            for i in self._order[target.resident_layers : old.resident_layers]:
+                self._make_host(i)
+                self._reformat_host(i, self.stream_layout.format)  # a no-op for the frames' layers: already streamed
+            if self.is_cuda:
+                torch.cuda.empty_cache()
+            for i in self._order[old.resident_layers : target.resident_layers]:
+                self._make_resident(i)
+            self._build_ring()
+        except BaseException:
+            # Some layers moved, no ring: unload (VRAM back now); the next run's load() starts
+            # again from the host slabs, which hold every layer whatever failed.
+            self._release_device()
+            raise
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -353,13 +363,18 @@ class OffloadEngine:
         if self._loaded:
             return
         self._pack()
-        for module in self._resident_modules():
-            self._placement.place(module)
-        for name in ("latent_scaling_factor", "latent_bias_factor"):
-            self._placement.place_tensor(self.model.model, name)
-        for i in self.plan.resident_indices(self.num_layers):
-            self._make_resident(i)
-        self._build_ring()
+        try:
+            for module in self._resident_modules():
+                self._placement.place(module)
+            for name in ("latent_scaling_factor", "latent_bias_factor"):
+                self._placement.place_tensor(self.model.model, name)
+            for i in self.plan.resident_indices(self.num_layers):
+                self._make_resident(i)
+            self._build_ring()
+        except BaseException:
+            # Out of memory half way (ComfyUI then counts nothing loaded): what was placed goes back now.
+            self._release_device()
+            raise
         self._loaded = True
         if self.is_cuda:
             torch.cuda.synchronize(self._device)
@@ -443,6 +458,11 @@ class OffloadEngine:
             return
         if self.timing:
             self._harvest(block=True)
+        self._release_device()
+
+    def _release_device(self) -> None:
+        """Everything `load()` and `_arrange` put on the device goes back to the host, from
+        whatever state they reached."""
         self._drop_ring()
         self._arranged = self.plan  # unloaded mid-run: the frames' layers are in _resident_buffers too
         for i in list(self._resident_buffers):
@@ -458,9 +478,11 @@ class OffloadEngine:
         (staged layers come back decoded: fp8 ones with fp8-rounded weights, packed ones exact)."""
         self.unload()
         for i, host in enumerate(self._host):
-            if host is not None:
+            if host is None:
+                continue
+            if not (self._reads_exact(host) and self._give_back_read(i)):
                 unpack_layer(self.layers[i], host, self.native)
-                self._host[i] = None
+            self._host[i] = None
         gc.collect()
         return_freed_memory()  # the slabs
 
@@ -482,14 +504,16 @@ class OffloadEngine:
         new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
+        for i in self._order[old:n]:
+            self._read_exact(i)
         if self._loaded and n != old:
             self._arrange(new_plan)  # moves the layers between host and device, re-packs, rebuilds the ring
             if self.is_cuda:
                 torch.cuda.synchronize(self._device)
                 torch.cuda.empty_cache()  # staged layers made resident leave their staging buffers cached
         else:
-            for position in range(min(old, n), max(old, n)):
-                self._reformat_host(self._order[position], NATIVE if position < n else self.stream_layout.format)
+            for i in self._order[n:old]:
+                self._reformat_host(i, self.stream_layout.format)
         self.plan = self._arranged = new_plan
         if n != old:
             return_freed_memory()  # re-packed slabs
@@ -516,6 +540,32 @@ class OffloadEngine:
         plan.validate(self.num_layers)
         self.set_resident_layers(plan.resident_layers)
         self.plan = self._arranged = plan
+
+    def _reads_exact(self, host: HostLayer | None) -> bool:
+        return host is not None and host.format == FP8 and self._layer_source is not None
+
+    def _read_exact(self, i: int) -> None:
+        """Layer i, about to become resident, gets a native slab of the checkpoint's weights in
+        place of its rounded fp8 one, where `layer_source` can read them. Not for the frame
+        extension's layers: they run as streamed, rounded, and go back to the ring."""
+        host = self._host[i]
+        if not self._reads_exact(host):
+            return
+        if self._loaded and self.is_cuda:
+            torch.cuda.synchronize(self._device)  # the ring may still be prefetching from the slab replaced here
+        assign_layer(self.layers[i], self.native, self._layer_source(i))
+        self._host[i] = self._pack_layer(i, self.native, host.pinned)
+        del host
+
+    def _give_back_read(self, i: int) -> bool:
+        """close(): layer i gets the checkpoint's weights. A closing engine must not fail half
+        way, so a source that cannot read them (the folder moved) leaves it rounded, with a warning."""
+        try:
+            assign_layer(self.layers[i], self.native, self._layer_source(i))
+        except Exception as exc:  # noqa: BLE001 - any reader failure: fall back, say why
+            log.warning("decoder layer %d keeps its fp8-rounded weights: reading it back failed (%s)", i, exc)
+            return False
+        return True
 
     def _reformat_host(self, i: int, fmt: str) -> None:
         """A streamed layer's slab must be in the stream format: re-pack a native slab in the
@@ -565,7 +615,6 @@ class OffloadEngine:
         slot = ring.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(ring)
         host = self._host[layer]
-        slot.layer = layer
         dst = slot.buffer[: host.nbytes]
         if self.is_cuda:
             stream = self._copy_stream
@@ -736,13 +785,3 @@ class OffloadEngine:
     def host_bytes(self) -> int:
         """Bytes of the host slabs (the decoder layers' host copy)."""
         return sum(h.nbytes for h in self._host if h is not None)
-
-    @property
-    def model_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for t in (*self.model.parameters(), *self.model.buffers()):
-            if id(t) not in seen and not t.is_meta:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total

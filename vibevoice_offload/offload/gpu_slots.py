@@ -115,10 +115,9 @@ class Slot:
     # The layer module running from `buffer`: bf16, and staged decoded on use; None when
     # staged layers are decoded ahead (they run from a compute buffer's module).
     module: nn.Module | None
-    layer: int | None = None  # the layer whose copy was last issued into this slot
-    copy_done: torch.cuda.Event | None = None  # recorded on the copy stream once the slot holds `layer`
-    # Recorded when the slot may be overwritten: on the compute stream after `layer` ran;
-    # decoded ahead, on the dequantisation stream after `layer` was decoded out of it.
+    copy_done: torch.cuda.Event | None = None  # recorded on the copy stream once the slot holds its layer
+    # Recorded when the slot may be overwritten: on the compute stream after its layer ran;
+    # decoded ahead, on the dequantisation stream after its layer was decoded out of it.
     free: torch.cuda.Event | None = None
 
 
@@ -201,7 +200,9 @@ class SlotRing:
             for slot in (*self.slots, *self.fixed.values()):
                 slot.copy_done, slot.free = torch.cuda.Event(), torch.cuda.Event()
             for slot in self.fixed.values():
-                slot.copy_done.record()
+                # The engine's device, which need not be the current one: its packed copy was
+                # enqueued on that device's current stream.
+                slot.copy_done.record(torch.cuda.current_stream(device))
             for compute in self.computes:
                 compute.ready, compute.free = torch.cuda.Event(), torch.cuda.Event()
         self._graphs = GraphPool(device) if self.decodes_ahead and device.type == "cuda" else None

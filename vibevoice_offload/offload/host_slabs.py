@@ -134,7 +134,23 @@ def _cuda_host_register(tensor: torch.Tensor) -> str | None:
     except Exception as exc:  # noqa: BLE001 - no CUDA, no driver, binding missing
         return repr(exc)
     code = int(getattr(err, "value", err))
-    return None if code == 0 else f"cudaHostRegister returned error {code}"
+    if code == 0:
+        return None
+    _clear_cuda_last_error()
+    return f"cudaHostRegister returned error {code} ({cudart.cudaGetErrorString(err)})"
+
+
+def _clear_cuda_last_error() -> None:
+    """Consume the CUDA runtime's "last error" that a refused cudaHostRegister leaves behind.
+
+    PyTorch's binding returns the error without clearing it, and PyTorch checks
+    cudaGetLastError after each kernel launch: the next kernel, anywhere, would raise this
+    registration's error as its own, so the pageable fallback would never run. A trivial
+    launch here reads the error (which clears it) and is discarded."""
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:  # torch.AcceleratorError: the stale registration error, now cleared
+        pass
 
 
 def _cuda_host_unregister(ptr: int) -> None:
@@ -193,6 +209,18 @@ def point_layer(layer: nn.Module, layout: SlabLayout, flat: torch.Tensor) -> Non
     for entry in layout.entries:
         if entry.role == "raw":
             _set_tensor(layer, entry, entry.view(flat))
+
+
+def assign_layer(layer: nn.Module, native: SlabLayout, tensors: dict[str, torch.Tensor]) -> None:
+    """Give `layer` these tensors (named as inside the layer: a checkpoint's copy of it),
+    checked against `native`'s names, shapes and dtypes first, so a wrong copy changes nothing."""
+    for entry in native.entries:
+        value = tensors.get(entry.name)
+        if value is None or tuple(value.shape) != entry.shape or value.dtype != entry.dtype:
+            got = "missing" if value is None else f"{tuple(value.shape)} {value.dtype}"
+            raise ValueError(f"decoder layer tensor {entry.name}: expected {entry.shape} {entry.dtype}, got {got}")
+    for entry in native.entries:
+        _set_tensor(layer, entry, tensors[entry.name])
 
 
 def release_layer(layer: nn.Module, native: SlabLayout) -> None:
