@@ -22,6 +22,8 @@ import pytest
 import netguard
 from comfy_server import CHROMIUM_ARGS, CHROMIUM_PATH, REPO_ROOT, ComfyServer
 
+CHILD_SITE = Path(__file__).parent / "child_site"  # its sitecustomize.py blocks the network in child processes
+
 # Set at import time, before any test module imports transformers/huggingface_hub
 # (they read these once): everything must come from local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -43,9 +45,11 @@ def skip_or_fail(reason: str) -> None:
 # ---- network block -----------------------------------------------------------------------
 @pytest.fixture(scope="session", autouse=True)
 def block_network():
-    """Refuse every socket connection that is not to loopback or an AF_UNIX path."""
+    """Refuse every socket connection that is not to loopback or an AF_UNIX path, here and in
+    every Python process the tests start (they inherit PYTHONPATH)."""
     with pytest.MonkeyPatch.context() as mp:
         netguard.install(mp)
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CHILD_SITE), os.environ.get("PYTHONPATH")])))
         yield
 
 

@@ -1,6 +1,7 @@
 """Refuse network connections in tests, except to loopback and AF_UNIX sockets.
 
-tests/conftest.py installs this for the whole session. Every Python-level connect
+tests/conftest.py installs this for the whole session, in the test process and (through
+tests/child_site/sitecustomize.py on their PYTHONPATH) in every Python process it starts. Every Python-level connect
 goes through socket.socket.connect / connect_ex (urllib, requests, httpx, asyncio,
 aiohttp, ssl all do) or socket.create_connection, so patching those three is enough
 to make a stray hub download fail at once with a clear message instead of hanging.
@@ -46,6 +47,16 @@ def _check(family, address) -> None:
 
 def install(monkeypatch) -> None:
     """Patch socket with `monkeypatch` (a pytest.MonkeyPatch); undone with it."""
+    _patch(monkeypatch.setattr)
+
+
+def install_for_the_process() -> None:
+    """Patch socket until the process ends: the Python processes the tests start (ComfyUI,
+    the CLI, the benchmarks) load it from tests/child_site/sitecustomize.py."""
+    _patch(setattr)
+
+
+def _patch(setattr) -> None:  # noqa: A002 - pytest's monkeypatch.setattr or the builtin
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex
     real_create_connection = socket.create_connection
@@ -63,6 +74,6 @@ def install(monkeypatch) -> None:
         _check(socket.AF_INET, address)
         return real_create_connection(address, *args, **kwargs)
 
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
+    setattr(socket.socket, "connect", connect)
+    setattr(socket.socket, "connect_ex", connect_ex)
+    setattr(socket, "create_connection", create_connection)

@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -55,3 +58,18 @@ def test_loopback_connections_work():
             client.sendall(b"ping")
             assert conn.recv(4) == b"ping"
             conn.close()
+
+
+def test_child_processes_are_blocked_too():
+    """ComfyUI, the CLI and the benchmarks run as child processes: they inherit the block
+    (tests/child_site/sitecustomize.py), and loopback still works for them."""
+    script = textwrap.dedent("""
+        import socket
+        server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1)
+        socket.create_connection(server.getsockname(), timeout=5).close()
+        print("loopback ok", flush=True)
+        socket.create_connection(("example.invalid", 80), timeout=1)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "loopback ok"
+    assert run.returncode != 0 and "RuntimeError: network blocked in tests: ('example.invalid', 80)" in run.stderr

@@ -132,7 +132,7 @@ def test_engine_output_equals_resident_executor(tiny_model_dir, reference, resid
     engine.close()
 
 
-def test_fp8_streaming_runs_close_to_resident(tiny_model_dir, reference):
+def test_fp8_streaming_runs_and_copies_fewer_bytes_than_the_layer(tiny_model_dir, reference):
     voices, ref = reference
     vv, engine = engine_for(tiny_model_dir, OffloadPlan(2, "fp8"))
     out = vv.generate(SCRIPT, voices, SETTINGS, executor=engine)

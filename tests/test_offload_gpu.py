@@ -72,11 +72,12 @@ def resident_reference(mid_dir, voices, settings):
 def run_engine(mid_dir, voices, settings, plan, **capture):
     vv = load(mid_dir)
     engine = OffloadEngine(vv.model, plan, "cuda")
-    engine.load()
-    out = vv.generate(SCRIPT, voices, settings, executor=engine)
-    stats = engine.stats()
-    engine.close()
-    return out, stats
+    try:  # a failed run must not leave its VRAM to the next test's baseline
+        engine.load()
+        out = vv.generate(SCRIPT, voices, settings, executor=engine)
+        return out, engine.stats()
+    finally:
+        engine.close()
 
 
 def test_bf16_streaming_is_bit_identical_to_resident(mid_dir, voices):
