@@ -108,6 +108,7 @@ class ComfyServer:
         self.port: int | None = None
         self.base_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
+        self.boot_mark = 0  # log_mark() once the server answered: its start-up log ends there
         self._log_file = None
         self._symlink: Path | None = None
         # Loopback only: ignore any http_proxy variables of the environment.
@@ -187,6 +188,7 @@ class ComfyServer:
         except BaseException:
             self.stop()
             raise
+        self.boot_mark = self.log_mark()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -235,14 +237,16 @@ class ComfyServer:
         self.stop()
 
     # ---- log -----------------------------------------------------------------------------
-    def log_text(self, since: int = 0) -> str:
-        """The server's log so far; `since` is a value returned by log_mark()."""
+    def log_text(self, since: int = 0, until: int | None = None) -> str:
+        """The server's log so far, or between two values of log_mark() (`boot_mark`: the
+        end of its start-up), so a test reads only what happened in its own time."""
         try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            with open(self.log_path, "rb") as f:
                 f.seek(since)
-                return f.read()
+                data = f.read() if until is None else f.read(max(until - since, 0))
         except FileNotFoundError:
             return ""
+        return data.decode("utf-8", errors="replace")
 
     def log_mark(self) -> int:
         """Current end of the log, to read only what a test caused: log_text(since=mark)."""

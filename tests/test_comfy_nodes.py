@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from comfy_server import REPO_ROOT
+from comfy_server import PACK_FOLDER_NAME, REPO_ROOT
 
 pytestmark = pytest.mark.comfy
 
@@ -103,7 +103,8 @@ def test_server_boots_with_the_three_nodes(server):
     info = server.object_info()
     for node_id in NODE_IDS:
         assert node_id in info, f"{node_id} missing from /object_info"
-    log = server.log_text()
+    log = server.log_text(until=server.boot_mark)  # the start-up only: later tests may log errors on purpose
+    assert f"seconds: {server.base_dir / 'custom_nodes' / PACK_FOLDER_NAME}" in log, log[-4000:]  # imported at start-up
     for marker in ("IMPORT FAILED", "Cannot import", "Error while calling comfy_entrypoint", "Traceback"):
         assert marker not in log, log[-4000:]
 
