@@ -535,26 +535,46 @@ def test_fp8_layers_made_resident_again_are_read_from_the_checkpoint(tiny_model_
     assert torch.equal(out, ref.waveform)
 
 
+def test_fp8_residency_change_that_runs_out_of_memory_leaves_the_layers_streamable(tiny_model_dir, reference):
+    """Layers read back for a residency change whose re-arrangement then runs out of memory
+    are streamed again on the next load, in fp8: the same audio as before the change."""
+    voices, _ = reference
+    vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
+    engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8"), "cpu", layer_source=vv.checkpoint.read_decoder_layer)
+    engine.load()
+    before = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
+    out_of_memory_on_call(engine, 1)  # the re-arrangement's ring
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.set_resident_layers(3)
+    assert not engine.loaded and engine.resident_layers == 1
+    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, before)
+    assert [engine._host[i].format for i in range(LAYERS)] == [NATIVE, FP8, FP8, FP8]
+    engine.close()
+
+
 def test_a_wrong_layer_source_is_refused_and_changes_nothing(tiny_model_dir, reference, caplog):
     voices, ref = reference
     vv = VibeVoice.load(tiny_model_dir, dtype="fp32")
 
-    def wrong(i):
+    def wrong(i):  # layer 2's copy lacks a tensor
         tensors = vv.checkpoint.read_decoder_layer(i)
-        tensors.pop("mlp.down_proj.weight")
+        if i == 2:
+            tensors.pop("mlp.down_proj.weight")
         return tensors
 
     engine = OffloadEngine(vv.model, OffloadPlan(1, "fp8"), "cpu", layer_source=wrong)
     engine.load()
     before = vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform
     with pytest.raises(ValueError, match="decoder layer tensor mlp.down_proj.weight: expected .* got missing"):
-        engine.set_resident_layers(2)
-    assert engine.resident_layers == 1 and engine._host[1].format == FP8
+        engine.set_resident_layers(3)  # layer 1 is read, then layer 2 fails: layer 1 goes back to fp8
+    assert engine.resident_layers == 1 and engine._host[1].format == engine._host[2].format == FP8
     assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=engine).waveform, before)
     with caplog.at_level("WARNING", logger="vibevoice_offload.offload.engine"):
         engine.close()  # closing never fails half way: the streamed layers stay rounded, with a warning
-    assert "decoder layer 1 keeps its fp8-rounded weights" in caplog.text and engine.host_bytes == 0
-    assert torch.equal(vv.generate(SCRIPT, voices, SETTINGS, executor=ResidentExecutor(vv.model)).waveform, before)
+    assert "decoder layer 2 keeps its fp8-rounded weights" in caplog.text and engine.host_bytes == 0
+    layers, read = vv.model.model.language_model.layers, vv.checkpoint.read_decoder_layer
+    assert torch.equal(layers[1].mlp.down_proj.weight, read(1)["mlp.down_proj.weight"])  # read back
+    assert not torch.equal(layers[2].mlp.down_proj.weight, read(2)["mlp.down_proj.weight"])  # rounded
 
 
 def test_unload_and_close_leave_nothing_behind(tiny_model_dir, reference):

@@ -363,6 +363,9 @@ class OffloadEngine:
         if self._loaded:
             return
         self._pack()
+        for i in self.plan.streamed_indices(self.num_layers):
+            # A layer read back for a residency change whose re-arrangement then failed.
+            self._reformat_host(i, self.stream_layout.format)
         try:
             for module in self._resident_modules():
                 self._placement.place(module)
@@ -475,7 +478,8 @@ class OffloadEngine:
 
     def close(self) -> None:
         """unload(), then free the host slabs: the model gets ordinary pageable tensors back
-        (staged layers come back decoded: fp8 ones with fp8-rounded weights, packed ones exact)."""
+        (staged layers come back decoded: packed ones exact, fp8 ones read from `layer_source`,
+        or without one with fp8-rounded weights)."""
         self.unload()
         for i, host in enumerate(self._host):
             if host is None:
@@ -504,8 +508,7 @@ class OffloadEngine:
         new_plan = dataclasses.replace(self.plan, resident_layers=n, frame_layers=0, frame_slots=0)
         new_plan.validate(self.num_layers)
         old = self.plan.resident_layers
-        for i in self._order[old:n]:
-            self._read_exact(i)
+        self._read_exact(self._order[old:n])
         if self._loaded and n != old:
             self._arrange(new_plan)  # moves the layers between host and device, re-packs, rebuilds the ring
             if self.is_cuda:
@@ -544,18 +547,25 @@ class OffloadEngine:
     def _reads_exact(self, host: HostLayer | None) -> bool:
         return host is not None and host.format == FP8 and self._layer_source is not None
 
-    def _read_exact(self, i: int) -> None:
-        """Layer i, about to become resident, gets a native slab of the checkpoint's weights in
-        place of its rounded fp8 one, where `layer_source` can read them. Not for the frame
-        extension's layers: they run as streamed, rounded, and go back to the ring."""
-        host = self._host[i]
-        if not self._reads_exact(host):
-            return
-        if self._loaded and self.is_cuda:
-            torch.cuda.synchronize(self._device)  # the ring may still be prefetching from the slab replaced here
-        assign_layer(self.layers[i], self.native, self._layer_source(i))
-        self._host[i] = self._pack_layer(i, self.native, host.pinned)
-        del host
+    def _read_exact(self, layers: list[int]) -> None:
+        """`layers`, about to become resident, get native slabs of the checkpoint's weights in
+        place of their rounded fp8 ones, where `layer_source` can read them. If one cannot be
+        read, those already read go back to fp8 (quantised from the same weights: the same
+        bytes) and nothing has changed. Not for the frame extension's layers: they run as
+        streamed, rounded, and go back to the ring."""
+        layers = [i for i in layers if self._reads_exact(self._host[i])]
+        if layers and self._loaded and self.is_cuda:
+            torch.cuda.synchronize(self._device)  # the ring may still be prefetching from the slabs replaced here
+        done: list[int] = []
+        try:
+            for i in layers:
+                assign_layer(self.layers[i], self.native, self._layer_source(i))
+                self._host[i] = self._pack_layer(i, self.native, self._host[i].pinned)
+                done.append(i)
+        except BaseException:
+            for i in done:
+                self._reformat_host(i, self.stream_layout.format)
+            raise
 
     def _give_back_read(self, i: int) -> bool:
         """close(): layer i gets the checkpoint's weights. A closing engine must not fail half
