@@ -40,7 +40,7 @@ def mid_dir(tmp_path_factory):
     )
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def voices():
     g = torch.Generator().manual_seed(3)
     return {1: (torch.randn(1, 400, generator=g) * 0.1, 24000), 2: (torch.randn(1, 300, generator=g) * 0.1, 24000)}
@@ -141,11 +141,9 @@ def _capture_run(model, tokenizer, executor, voices, settings):
 
 
 @pytest.fixture(scope="module")
-def fp8_errors(mid_dir):
+def fp8_errors(mid_dir, voices):
     """Relative error of the prefill hidden states and the first latent with 6 of the 8
     layers streamed in fp8, against the resident bf16 model (same seed), and the run's stats."""
-    g = torch.Generator().manual_seed(3)
-    voices = {1: (torch.randn(1, 400, generator=g) * 0.1, 24000), 2: (torch.randn(1, 300, generator=g) * 0.1, 24000)}
     settings = GenerationSettings(cfg=1.3, steps=5, seed=5, max_frames=3)
     vv = load(mid_dir)
     vv.model.to("cuda")

@@ -179,7 +179,7 @@ class SlotRing:
         self.weight_buffer: torch.Tensor | None = None  # decoding on use: the weight being used
         if staged:
             self.slots = [Slot(i, torch.empty(stream.nbytes, dtype=torch.uint8, device=device), None) for i in range(depth)]
-            self.fixed = {layer: Slot(depth + k, buffer, None, layer) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
+            self.fixed = {layer: Slot(depth + k, buffer, None) for k, (layer, buffer) in enumerate(sorted(fixed.items()))}
             sources = (*self.slots, *self.fixed.values())
             if compute_buffers == 1:
                 self.weight_buffer = torch.empty(weight_buffer_nbytes(native, stream), dtype=torch.uint8, device=device)
